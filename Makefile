@@ -1,0 +1,26 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv and installs what it needs (torch pinned to the CPU wheel for development).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m kalmannorm demo
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

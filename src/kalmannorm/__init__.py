@@ -1,0 +1,28 @@
+"""kalmannorm: Batch Kalman Normalization for training deep networks with micro-batches.
+
+Wang et al., "Batch Kalman Normalization: Towards Training Deep Neural Networks with
+Micro-Batches" (arXiv 1802.03133; NeurIPS 2018 as "Kalman Normalization").
+
+>>> import kalmannorm as kn
+>>> model = kn.convert_batchnorm(model, gain=0.9, micro_batch=2)   # doctest: +SKIP
+>>> deploy = kn.to_batchnorm(model)                                # doctest: +SKIP
+"""
+from . import functional
+from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .convert import convert_batchnorm, to_batchnorm
+from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from .norms import GroupNorm, InstanceNorm, LayerNorm, get_norm_layer, norm_names, register_norm
+from .prediction import KalmanPredictor, ShadowBatch, guard_counts, has_kalman_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "GroupNorm", "InstanceNorm", "LayerNorm",
+    "KalmanPredictor", "ShadowBatch",
+    "convert_batchnorm", "to_batchnorm",
+    "get_norm_layer", "norm_names", "register_norm",
+    "guard_counts", "has_kalman_layers",
+    "functional",
+]

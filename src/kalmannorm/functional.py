@@ -1,0 +1,302 @@
+"""Functional core of Batch Kalman Normalization (BKN).
+
+Follows Wang et al., "Batch Kalman Normalization: Towards Training Deep Neural Networks with
+Micro-Batches" (arXiv 1802.03133), as restated in ``docs/method.md`` of this project: statistics
+per (micro-batch group, channel), the predict/update step with its cross term, the guard of the
+released code, and the sampled prediction that carries statistics from one layer to the next.
+
+Every function here is pure: tensors and flags in, tensors out. Statistics are float32 whatever
+the input dtype; outputs keep the input dtype. The modules in :mod:`kalmannorm.modules` only own
+parameters and buffers and choose the mode.
+
+Shapes: ``x`` is ``[N, C, *spatial]``; its ``N`` rows split into ``S`` contiguous groups of
+``m = N / S`` rows (row ``i`` belongs to group ``i // m``); statistics are ``[S, C]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_moments",
+    "kalman_update",
+    "group_affine",
+    "normalize",
+    "batch_kalman_norm",
+    "prior_from_rows",
+    "sample_rows",
+    "update_running_stats",
+]
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _check_groups(x: Tensor, groups: int) -> int:
+    if x.dim() < 2:
+        raise ValueError(f"expected at least 2D input [N, C, *] (got {x.dim()}D input)")
+    if groups < 1 or x.shape[0] % groups != 0:
+        raise ValueError(
+            f"a batch of {x.shape[0]} rows does not split into {groups} equal groups; "
+            "the batch size must be a multiple of the number of groups"
+        )
+    return x.shape[0] // groups
+
+
+def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance of ``x`` per (group, channel), in float32.
+
+    ``mean[s, c]`` and ``var[s, c]`` are taken over the rows of group ``s`` and every spatial
+    position: ``var = E[(x - mean)^2]`` (biased, the variance used to normalize).
+
+    Args:
+        x: input ``[N, C, *spatial]``.
+        groups: ``S``, the number of contiguous row groups; must divide ``N``.
+
+    Shape:
+        - Output: two tensors ``[S, C]``, float32.
+
+    >>> mean, var = group_moments(torch.randn(8, 3, 4, 4), groups=4)
+    >>> mean.shape
+    torch.Size([4, 3])
+    """
+    m = _check_groups(x, groups)
+    channels = x.shape[1]
+    # Per (row, channel) moments over the contiguous spatial axis, then the rows of a group are
+    # combined with the parallel-variance formula: one pass over the data, no strided reduction.
+    rows = x.float().reshape(groups, m, channels, -1)  # [S, m, C, L]
+    row_var, row_mean = torch.var_mean(rows, dim=-1, correction=0)  # [S, m, C]
+    mean = row_mean.mean(dim=1)  # [S, C]
+    var = (row_var + (row_mean - mean.unsqueeze(1)).square()).mean(dim=1)
+    return mean, var
+
+
+def kalman_update(
+    mean_obs: Tensor,
+    var_obs: Tensor,
+    mean_prior: Tensor,
+    var_prior: Tensor,
+    gain: float,
+    guard_threshold: float = 100.0,
+    prior_valid: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Combine the predicted and the observed statistics (method.md section 3).
+
+    With ``p = gain``::
+
+        mean = p * mean_prior + (1 - p) * mean_obs
+        var  = p * var_prior  + (1 - p) * var_obs + p * (1 - p) * (mean_obs - mean_prior)^2
+
+    the mean and variance of the mixture ``p * N(prior) + (1 - p) * N(obs)``. The guard of the
+    released code keeps the observed statistics for the whole layer when
+    ``mean(var_prior / var_obs) >= guard_threshold`` or that ratio is not finite; a prior whose
+    variance is zero everywhere is "no prior". The choice is a tensor ``where`` (no host
+    synchronisation), and the branch not taken receives exactly zero gradient.
+
+    Args:
+        mean_obs, var_obs: observed statistics ``[S, C]``.
+        mean_prior, var_prior: predicted statistics ``[S, C]``; must be finite where
+            ``prior_valid`` is true (see :func:`prior_from_rows`).
+        gain: ``p`` in ``[0, 1]``, the weight on the prediction.
+        guard_threshold: ratio at or above which the prior is rejected. Default: 100.
+        prior_valid: optional 0-dim bool tensor; false rejects the prior.
+
+    Returns:
+        ``(mean, var, used_prior)``: ``[S, C]`` float32 statistics and a 0-dim bool tensor.
+    """
+    if not 0.0 <= gain <= 1.0:
+        raise ValueError(f"gain must be in [0, 1] (got {gain})")
+    with torch.no_grad():
+        ratio = (var_prior / var_obs).mean()
+        used = (var_prior != 0).any() & torch.isfinite(ratio) & (ratio < guard_threshold)
+        if prior_valid is not None:
+            used = used & prior_valid
+    diff = mean_obs - mean_prior
+    mean = torch.lerp(mean_obs, mean_prior, gain)
+    var = torch.lerp(var_obs, var_prior, gain) + (gain * (1.0 - gain)) * diff.square()
+    return torch.where(used, mean, mean_obs), torch.where(used, var, var_obs), used
+
+
+def group_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y = x * scale[s, c] + shift[s, c]`` for every row of group ``s``, in ``x``'s dtype.
+
+    Args:
+        x: ``[N, C, *spatial]``.
+        scale, shift: ``[S, C]`` (float32); ``S`` must divide ``N``.
+    """
+    groups, channels = scale.shape
+    m = _check_groups(x, groups)
+    rows = x.reshape(groups, m, channels, -1)  # [S, m, C, L]
+    y = torch.addcmul(shift[:, None, :, None], rows, scale[:, None, :, None])
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    """``y = weight * (x - mean[s]) / sqrt(var[s] + eps) + bias`` per group ``s``.
+
+    Args:
+        x: ``[N, C, *spatial]``.
+        mean, var: ``[S, C]`` statistics; ``S`` must divide ``N``.
+        weight, bias: ``[C]`` affine parameters shared by all groups, or ``None``.
+        eps: added to the variance.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    return group_affine(x, scale, shift)
+
+
+def batch_kalman_norm(
+    x: Tensor,
+    prior: Optional[Tuple[Tensor, Tensor]],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    *,
+    groups: int = 1,
+    gain: float = 0.9,
+    eps: float = 1e-5,
+    guard_threshold: float = 100.0,
+    detach_prior: bool = False,
+    prior_valid: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch Kalman Normalization of one layer in training mode.
+
+    Observes per-group statistics of ``x``, combines them with ``prior`` by
+    :func:`kalman_update` and normalizes with the combined statistics. Without a prior (the first
+    layer of a path) or with ``gain = 0`` it is exactly per-group BatchNorm.
+
+    Args:
+        x: ``[N, C, *spatial]``.
+        prior: ``(mean_prior, var_prior)``, each ``[S, C]``, or ``None``.
+        weight, bias: ``[C]`` or ``None``.
+        groups: ``S``, number of statistics groups (contiguous rows). Default: 1.
+        gain: weight ``p`` on the prior. Default: 0.9.
+        eps: added to the variance. Default: 1e-5.
+        guard_threshold: see :func:`kalman_update`. Default: 100.
+        detach_prior: stop gradients through the prior (an ablation; the released code
+            back-propagates through it). Default: ``False``.
+        prior_valid: optional 0-dim bool tensor; false rejects the prior.
+
+    Returns:
+        ``(y, mean, var, used_prior)``: the normalized ``x``, the combined float32 statistics
+        ``[S, C]`` that the next layer's prediction starts from, and whether the prior was used.
+
+    >>> y, mean, var, used = batch_kalman_norm(torch.randn(8, 3, 4, 4), None, None, None, groups=4)
+    >>> bool(used)
+    False
+    """
+    mean_obs, var_obs = group_moments(x, groups)
+    if prior is None:
+        mean, var, used = mean_obs, var_obs, torch.zeros((), dtype=torch.bool, device=x.device)
+    else:
+        mean_prior, var_prior = prior
+        if mean_prior.shape != mean_obs.shape or var_prior.shape != var_obs.shape:
+            raise ValueError(
+                f"prior statistics must have shape {tuple(mean_obs.shape)} [groups, channels] "
+                f"(got {tuple(mean_prior.shape)} and {tuple(var_prior.shape)})"
+            )
+        if detach_prior:
+            mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
+        mean, var, used = kalman_update(
+            mean_obs, var_obs, mean_prior.float(), var_prior.float(), gain, guard_threshold,
+            prior_valid,
+        )
+    return normalize(x, mean, var, weight, bias, eps), mean, var, used
+
+
+def prior_from_rows(rows: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Predicted statistics from the shadow rows of each group (method.md section 4).
+
+    The prior of group ``s`` is the mean and biased variance over its shadow rows and their
+    spatial positions. Non-finite values (an overflow under half precision, say) are replaced by
+    zero before the moments are taken, so that neither the forward nor the backward pass meets
+    them, and the returned flag rejects the prior.
+
+    Args:
+        rows: shadow rows ``[S * K, C, *spatial]``, ``K`` rows per group.
+        groups: ``S``.
+
+    Returns:
+        ``(mean_prior, var_prior, valid)``: ``[S, C]`` float32 and a 0-dim bool tensor.
+    """
+    finite = torch.isfinite(rows)
+    mean, var = group_moments(torch.where(finite, rows, torch.zeros_like(rows)), groups)
+    return mean, var, finite.all()
+
+
+def sample_rows(
+    mean: Tensor,
+    var: Tensor,
+    rows_per_group: int,
+    spatial: Tuple[int, ...],
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Draw pseudo-rows ``z ~ N(mean[s, c], var[s, c])`` independently at every position.
+
+    The sample is reparameterised (``z = mean + sqrt(var) * noise``), so gradients flow back into
+    the statistics it was drawn from, as in the released code. A zero variance gets a zero
+    gradient instead of an infinite one.
+
+    Args:
+        mean, var: ``[S, C]``.
+        rows_per_group: ``K``, rows drawn for each group.
+        spatial: spatial shape of each row.
+        generator: optional random generator.
+
+    Shape:
+        - Output: ``[S * K, C, *spatial]``, float32, rows of group ``s`` contiguous.
+    """
+    groups, channels = mean.shape
+    noise = torch.randn(
+        (groups, rows_per_group, channels) + tuple(spatial),
+        generator=generator, device=mean.device, dtype=torch.float32,
+    )
+    view = (groups, 1, channels) + (1,) * len(spatial)
+    std = var.clamp_min(_TINY).sqrt()
+    z = torch.addcmul(mean.reshape(view), noise, std.reshape(view))  # [S, K, C, *spatial]
+    return z.reshape((groups * rows_per_group, channels) + tuple(spatial))
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    count: int,
+    group0_only: bool = False,
+) -> None:
+    """Exponential moving average of the combined statistics, in place.
+
+    ``running = (1 - momentum) * running + momentum * stat``, where ``stat`` is the average over
+    the groups of the combined statistics (or group 0's alone, the released code's choice). The
+    variance is made unbiased with ``count / (count - 1)``, ``count`` being the number of values
+    behind one group's statistics (rows per group times spatial positions), as BatchNorm does.
+    A step whose statistics are not finite leaves the buffers unchanged.
+
+    Args:
+        running_mean, running_var: ``[C]`` buffers, updated in place.
+        mean, var: combined statistics ``[S, C]``.
+        momentum: weight of the new value.
+        count: values per group; must be at least 2.
+        group0_only: use group 0's statistics only. Default: ``False`` (all groups).
+    """
+    with torch.no_grad():
+        stat_mean = mean[0] if group0_only else mean.mean(dim=0)
+        stat_var = (var[0] if group0_only else var.mean(dim=0)) * (count / (count - 1))
+        finite = torch.isfinite(stat_mean).all() & torch.isfinite(stat_var).all()
+        new_mean = torch.lerp(running_mean.float(), stat_mean, momentum)
+        new_var = torch.lerp(running_var.float(), stat_var, momentum)
+        running_mean.copy_(torch.where(finite, new_mean, running_mean.float()))
+        running_var.copy_(torch.where(finite, new_var, running_var.float()))

@@ -1,0 +1,256 @@
+"""Batch Kalman Normalization layers, drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
+
+Follows Wang et al., "Batch Kalman Normalization" (arXiv 1802.03133), as restated in this
+project's ``docs/method.md``. The math lives in :mod:`kalmannorm.functional`; a layer owns the
+parameters and buffers of a BatchNorm (same names, same state dict) and chooses the mode:
+
+- training inside a :class:`~kalmannorm.prediction.KalmanPredictor`: the layer reads its prior
+  from the shadow rows of the batch, normalizes the real rows with the combined statistics and
+  writes fresh samples of those statistics into the shadow rows for the next layer;
+- training alone: per-group BatchNorm (no predecessor, so no prior);
+- evaluation: plain BatchNorm with the running statistics.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from . import functional as KF
+
+__all__ = ["BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "PROPAGATE_MODES",
+           "RUNNING_STATS_MODES"]
+
+PROPAGATE_MODES = ("raw", "normalized")
+RUNNING_STATS_MODES = ("all", "group0")
+
+
+class _BatchKalmanNorm(_NormBase):
+    """Base class of the BKN layers; see :class:`BatchKalmanNorm2d`."""
+
+    _input_dims: tuple = ()
+    _bn_class: type = torch.nn.BatchNorm2d
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        gain: float = 0.9,
+        micro_batch: Optional[int] = None,
+        guard_threshold: float = 100.0,
+        detach_prior: bool = False,
+        propagate: str = "raw",
+        running_stats: str = "all",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if not 0.0 <= float(gain) <= 1.0:
+            raise ValueError(f"gain must be in [0, 1] (got {gain})")
+        if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+            raise ValueError(f"micro_batch must be a positive int or None (got {micro_batch!r})")
+        if not guard_threshold > 0:
+            raise ValueError(f"guard_threshold must be positive (got {guard_threshold})")
+        if propagate not in PROPAGATE_MODES:
+            raise ValueError(f"propagate must be one of {PROPAGATE_MODES} (got {propagate!r})")
+        if running_stats not in RUNNING_STATS_MODES:
+            raise ValueError(
+                f"running_stats must be one of {RUNNING_STATS_MODES} (got {running_stats!r})"
+            )
+        self.gain = float(gain)
+        self.micro_batch = micro_batch
+        self.guard_threshold = float(guard_threshold)
+        self.detach_prior = detach_prior
+        self.propagate = propagate
+        self.running_stats = running_stats
+        # [fallbacks, priors seen]: how often the guard rejected an available prior. Not part of
+        # the state dict, so BatchNorm checkpoints load unchanged.
+        self.register_buffer(
+            "guard_counts", torch.zeros(2, dtype=torch.long, device=device), persistent=False
+        )
+        # Set by KalmanPredictor, which owns the per-pass state; None when used alone.
+        self._shadow_batch = None
+        self._warned_alone = False
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._input_dims:
+            allowed = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(f"expected {allowed} input (got {x.dim()}D input)")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels (got {x.shape[1]} channels "
+                f"in input of shape {tuple(x.shape)})"
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, gain={self.gain}, micro_batch={self.micro_batch}, "
+            f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
+            f"propagate={self.propagate!r}, running_stats={self.running_stats!r}"
+        )
+
+    def _groups(self, rows: int) -> int:
+        if self.micro_batch is None:
+            return 1
+        if rows % self.micro_batch != 0:
+            raise ValueError(
+                f"a batch of {rows} rows does not split into groups of micro_batch="
+                f"{self.micro_batch}; use a batch size that is a multiple of it"
+            )
+        return rows // self.micro_batch
+
+    def _momentum(self) -> float:
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / float(self.num_batches_tracked)  # cumulative average, as BatchNorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                self.eps,
+            )
+        shadow_batch = self._shadow_batch
+        if shadow_batch is not None and shadow_batch.active:
+            real, shadow, groups = shadow_batch.split(x, self)
+        else:
+            real, shadow, groups = x, None, self._groups(x.shape[0])
+            if self.training and self.gain > 0 and not self._warned_alone:
+                self._warned_alone = True
+                warnings.warn(
+                    f"{type(self).__name__} is training outside a KalmanPredictor, so it has "
+                    "no layer-to-layer prediction and acts as per-group BatchNorm; wrap the "
+                    "model with kalmannorm.KalmanPredictor (convert_batchnorm does this)",
+                    stacklevel=2,
+                )
+        values_per_group = (real.shape[0] // groups) * math.prod(real.shape[2:])
+        if values_per_group < 2:
+            raise ValueError(
+                f"expected more than 1 value per channel in each statistics group when "
+                f"training (got input of shape {tuple(real.shape)} split into {groups} groups)"
+            )
+
+        prior, prior_valid = None, None
+        if shadow is not None and shadow_batch.has_predecessor and self.gain > 0:
+            mean_prior, var_prior, prior_valid = KF.prior_from_rows(shadow, groups)
+            prior = (mean_prior, var_prior)
+        y, mean, var, used = KF.batch_kalman_norm(
+            real, prior, self.weight, self.bias, groups=groups, gain=self.gain, eps=self.eps,
+            guard_threshold=self.guard_threshold, detach_prior=self.detach_prior,
+            prior_valid=prior_valid,
+        )
+
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            KF.update_running_stats(
+                self.running_mean, self.running_var, mean, var, self._momentum(),
+                values_per_group, group0_only=self.running_stats == "group0",
+            )
+            if prior is not None:
+                with torch.no_grad():
+                    self.guard_counts.add_(torch.stack([~used, torch.ones_like(used)]).long())
+
+        if shadow is None:
+            return y
+        shadow_out = KF.sample_rows(
+            mean, var, shadow.shape[0] // groups, tuple(shadow.shape[2:]),
+            generator=shadow_batch.generator,
+        )
+        if self.propagate == "normalized":
+            shadow_out = KF.normalize(shadow_out, mean, var, self.weight, self.bias, self.eps)
+        shadow_batch.has_predecessor = True
+        return torch.cat([y, shadow_out.to(y.dtype)])
+
+
+_DOC_OPTIONS = """
+    Args:
+        num_features: ``C``, the number of channels.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: weight of the newest value in the running averages; ``None`` for a
+            cumulative average. Default: 0.1.
+        affine: learnable per-channel ``weight`` and ``bias``. Default: ``True``.
+        track_running_stats: keep running averages for evaluation. Default: ``True``.
+        gain: ``p`` in ``[0, 1]``, the weight on the prediction; 0 is per-group BatchNorm.
+            The released code uses 0.9 for micro-batches and 0.05 for batch 128. Default: 0.9.
+        micro_batch: rows per statistics group (``S = N / micro_batch`` groups of contiguous
+            rows); ``None`` makes the whole batch one group. Default: ``None``.
+        guard_threshold: the prior is rejected for the whole layer when the mean of
+            ``var_prior / var_obs`` reaches this value or is not finite. Default: 100.
+        detach_prior: stop gradients through the prior (ablation). Default: ``False``.
+        propagate: what the shadow rows carry to the next layer: ``"raw"`` samples the combined
+            statistics of this layer's input (the released code), ``"normalized"`` the same
+            samples after this layer's normalization and affine. Default: ``"raw"``.
+        running_stats: ``"all"`` averages the combined statistics of all groups into the running
+            buffers; ``"group0"`` uses group 0 only (the released code). Default: ``"all"``.
+
+    The running variance is unbiased (``count / (count - 1)`` with ``count`` the values per
+    group); normalization uses the biased variance. Statistics are float32 for any input dtype.
+"""
+
+
+class BatchKalmanNorm1d(_BatchKalmanNorm):
+    __doc__ = r"""Batch Kalman Normalization over a 2D ``[N, C]`` or 3D ``[N, C, L]`` input.
+
+    See :class:`BatchKalmanNorm2d` for the method.
+    """ + _DOC_OPTIONS + """
+    Shape:
+        - Input: ``[N, C]`` or ``[N, C, L]``; Output: same shape.
+
+    >>> bkn = BatchKalmanNorm1d(16, micro_batch=4)
+    >>> bkn(torch.randn(8, 16)).shape
+    torch.Size([8, 16])
+    """
+    _input_dims = (2, 3)
+    _bn_class = torch.nn.BatchNorm1d
+
+
+class BatchKalmanNorm2d(_BatchKalmanNorm):
+    __doc__ = r"""Batch Kalman Normalization over a 4D input ``[N, C, H, W]``.
+
+    Per statistics group ``s`` and channel, with observed statistics ``mu_obs, var_obs`` of the
+    micro-batch and a prediction ``mu_pred, var_pred`` carried from the previous BKN layer::
+
+        mu  = p * mu_pred  + (1 - p) * mu_obs
+        var = p * var_pred + (1 - p) * var_obs + p * (1 - p) * (mu_obs - mu_pred)^2
+        y   = weight * (x - mu) / sqrt(var + eps) + bias
+
+    The prediction needs the model wrapped in :class:`~kalmannorm.KalmanPredictor` (which
+    :func:`~kalmannorm.convert_batchnorm` returns). In evaluation the layer is exactly
+    ``nn.BatchNorm2d`` with its running statistics.
+    """ + _DOC_OPTIONS + """
+    Shape:
+        - Input: ``[N, C, H, W]``; Output: same shape.
+
+    >>> bkn = BatchKalmanNorm2d(16, gain=0.9, micro_batch=2)
+    >>> bkn(torch.randn(8, 16, 4, 4)).shape
+    torch.Size([8, 16, 4, 4])
+    """
+    _input_dims = (4,)
+    _bn_class = torch.nn.BatchNorm2d
+
+
+class BatchKalmanNorm3d(_BatchKalmanNorm):
+    __doc__ = r"""Batch Kalman Normalization over a 5D input ``[N, C, D, H, W]``.
+
+    See :class:`BatchKalmanNorm2d` for the method.
+    """ + _DOC_OPTIONS + """
+    Shape:
+        - Input: ``[N, C, D, H, W]``; Output: same shape.
+
+    >>> bkn = BatchKalmanNorm3d(8, micro_batch=2)
+    >>> bkn(torch.randn(4, 8, 2, 4, 4)).shape
+    torch.Size([4, 8, 2, 4, 4])
+    """
+    _input_dims = (5,)
+    _bn_class = torch.nn.BatchNorm3d

@@ -1,0 +1,253 @@
+"""The layer-to-layer prediction of Batch Kalman Normalization, by shadow rows.
+
+method.md section 4: the released code predicts layer ``k``'s statistics by drawing, for every
+statistics group, one pseudo-image from layer ``k-1``'s combined statistics and pushing it
+through the layers in between. :class:`KalmanPredictor` does this for any network without
+per-architecture wiring: in training it appends ``S * K`` rows of zeros to the batch (``K`` per
+group, the "shadow rows"); every BKN layer reads its prior from the shadow rows it receives,
+normalizes the real rows and writes fresh samples of its combined statistics into the shadow
+rows of its output. Whatever lies between two BKN layers (activations, convs, pooling, residual
+sums, concatenation, channel padding) transforms the samples exactly as it transforms the real
+activations. The wrapper strips the shadow rows from the outputs.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .modules import BatchKalmanNorm1d, _BatchKalmanNorm
+
+__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_counts"]
+
+
+class ShadowBatch:
+    """State of one training forward pass through a :class:`KalmanPredictor`.
+
+    Owned by the predictor and shared by its BKN layers; :meth:`begin` resets it at the start of
+    every pass and :meth:`end` closes it, so nothing carries over from one pass to the next.
+
+    Attributes:
+        real_rows: ``N``, the rows of the user's batch.
+        groups: ``S``, statistics groups of the batch.
+        rows_per_group: ``K``, shadow rows per group.
+        has_predecessor: whether a BKN layer has already written shadow rows in this pass; the
+            first one to run has no prior.
+        generator: random generator for the samples (``None``: the global one).
+    """
+
+    def __init__(self, generator: Optional[torch.Generator] = None) -> None:
+        self.generator = generator
+        self.active = False
+        self.real_rows = 0
+        self.groups = 1
+        self.rows_per_group = 1
+        self.has_predecessor = False
+
+    def begin(self, real_rows: int, groups: int, rows_per_group: int) -> None:
+        self.active = True
+        self.real_rows = real_rows
+        self.groups = groups
+        self.rows_per_group = rows_per_group
+        self.has_predecessor = False
+
+    def end(self) -> None:
+        self.active = False
+        self.has_predecessor = False
+
+    @property
+    def total_rows(self) -> int:
+        return self.real_rows + self.groups * self.rows_per_group
+
+    def split(self, x: Tensor, layer: nn.Module) -> Tuple[Tensor, Tensor, int]:
+        """Split a layer's input into real rows, shadow rows and the number of groups.
+
+        An input whose rows are a multiple ``t`` of the batch's (time folded into the batch, as
+        video models do) holds ``t * N`` real rows followed by ``t * S * K`` shadow rows.
+        """
+        rows, total = x.shape[0], self.total_rows
+        if rows % total != 0:
+            raise ValueError(
+                f"{type(layer).__name__} received {rows} rows, expected a multiple of {total} "
+                f"(the batch's {self.real_rows} rows plus {total - self.real_rows} shadow rows); "
+                "inside a KalmanPredictor a BKN layer must receive tensors computed row by row "
+                "from the batch"
+            )
+        real = (rows // total) * self.real_rows
+        return x[:real], x[real:], self.groups
+
+
+def has_kalman_layers(module: nn.Module) -> bool:
+    """Whether ``module`` contains a Batch Kalman Normalization layer."""
+    return any(isinstance(m, _BatchKalmanNorm) for m in module.modules())
+
+
+def guard_counts(module: nn.Module) -> dict:
+    """Totals over the BKN layers of ``module`` since creation.
+
+    Returns:
+        ``{"fallbacks": layer-steps where the guard rejected an available prior,
+        "priors": layer-steps where a prior was available}``.
+    """
+    total = torch.zeros(2, dtype=torch.long)
+    for m in module.modules():
+        if isinstance(m, _BatchKalmanNorm):
+            total += m.guard_counts.cpu()
+    return {"fallbacks": int(total[0]), "priors": int(total[1])}
+
+
+def _batch_coupled(module: nn.Module) -> List[str]:
+    """Names of training-mode layers other than BKN whose statistics span the batch."""
+    return [
+        name or type(m).__name__
+        for name, m in module.named_modules()
+        if isinstance(m, _NormBase) and not isinstance(m, (_BatchKalmanNorm, _InstanceNorm))
+        and m.training
+    ]
+
+
+def _first_batch_size(obj: Any) -> Optional[int]:
+    if isinstance(obj, Tensor):
+        return obj.shape[0] if obj.dim() > 0 else None
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    else:
+        return None
+    for item in items:
+        size = _first_batch_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+def _map_batch(obj: Any, rows: int, fn) -> Any:
+    """Apply ``fn`` to every tensor with ``rows`` rows inside nested tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        return fn(obj) if obj.dim() > 0 and obj.shape[0] == rows else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_map_batch(v, rows, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_batch(v, rows, fn) for v in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_batch(v, rows, fn)) for k, v in obj.items())
+    return obj
+
+
+class KalmanPredictor(nn.Module):
+    r"""Carries the layer-to-layer prediction of BKN through any model, by shadow rows.
+
+    In training, the wrapper appends ``S * K`` zero rows to every input tensor whose first
+    dimension is the batch size ``N`` (``S = N / micro_batch`` statistics groups, ``K`` shadow
+    rows per group), runs the model, and removes those rows from every output tensor with
+    ``N + S * K`` rows (nested tuples, lists and dicts included). Each BKN layer takes the moments
+    of its group's shadow rows as the prior and replaces them with samples of its combined
+    statistics (method.md section 4). The first BKN layer of a pass has no prior. In evaluation,
+    or when every BKN layer has gain 0, the wrapper adds nothing.
+
+    The cost is ``S * K`` extra rows per ``N``: ``K / micro_batch`` more compute (+50% at
+    micro-batch 2, ``K = 1``), as in the released code.
+
+    Args:
+        module: the model, containing BKN layers and no other layer whose statistics span the
+            batch (``nn.BatchNorm*`` etc. would mix shadow rows into their statistics).
+        rows_per_group: ``K``. A layer without spatial positions (``BatchKalmanNorm1d`` on
+            ``[N, C]``) needs ``K > 1`` to estimate a variance. ``None`` picks 1, or 4 if the
+            model holds a ``BatchKalmanNorm1d``. Default: ``None``.
+        generator: random generator for the samples. Default: the global one.
+
+    Shape:
+        Inputs and outputs are the wrapped model's; the batch size must be a multiple of the BKN
+        layers' ``micro_batch``.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchKalmanNorm2d(8, micro_batch=2), nn.ReLU(),
+    ...                     nn.Conv2d(8, 8, 3), BatchKalmanNorm2d(8, micro_batch=2))
+    >>> KalmanPredictor(net)(torch.randn(4, 3, 8, 8)).shape
+    torch.Size([4, 8, 4, 4])
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        rows_per_group: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        layers = [m for m in module.modules() if isinstance(m, _BatchKalmanNorm)]
+        if not layers:
+            raise ValueError(
+                f"{type(module).__name__} has no BatchKalmanNorm layer to predict statistics "
+                "for; build it with a BKN norm_layer or use kalmannorm.convert_batchnorm"
+            )
+        micro_batches = {layer.micro_batch for layer in layers}
+        if len(micro_batches) > 1:
+            raise ValueError(
+                "all BKN layers of one model must share one micro_batch (got "
+                f"{sorted(micro_batches, key=str)})"
+            )
+        coupled = _batch_coupled(module)
+        if coupled:
+            raise ValueError(self._coupled_message(coupled))
+        if rows_per_group is None:
+            rows_per_group = 4 if any(isinstance(m, BatchKalmanNorm1d) for m in layers) else 1
+        if not isinstance(rows_per_group, int) or rows_per_group < 1:
+            raise ValueError(f"rows_per_group must be a positive int (got {rows_per_group!r})")
+        self.module = module
+        self.micro_batch = micro_batches.pop()
+        self.rows_per_group = rows_per_group
+        self.shadow_batch = ShadowBatch(generator)
+        for layer in layers:
+            layer._shadow_batch = self.shadow_batch
+
+    @staticmethod
+    def _coupled_message(names: List[str]) -> str:
+        return (
+            f"layers {names} compute statistics over the batch and would mix the shadow rows "
+            "of the prediction into them; convert them (kalmannorm.convert_batchnorm) or "
+            "replace them with a per-sample norm"
+        )
+
+    def extra_repr(self) -> str:
+        return f"micro_batch={self.micro_batch}, rows_per_group={self.rows_per_group}"
+
+    def _predicting(self) -> bool:
+        return self.training and any(
+            isinstance(m, _BatchKalmanNorm) and m.training and m.gain > 0
+            for m in self.module.modules()
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._predicting():
+            return self.module(*args, **kwargs)
+        coupled = _batch_coupled(self.module)
+        if coupled:
+            raise ValueError(self._coupled_message(coupled))
+        rows = _first_batch_size((args, kwargs))
+        if rows is None:
+            raise ValueError("KalmanPredictor found no batched tensor among the inputs")
+        if self.micro_batch is None:
+            groups = 1
+        elif rows % self.micro_batch != 0:
+            raise ValueError(
+                f"a batch of {rows} rows does not split into groups of micro_batch="
+                f"{self.micro_batch}; use a batch size that is a multiple of it"
+            )
+        else:
+            groups = rows // self.micro_batch
+        extra = groups * self.rows_per_group
+
+        def append(t: Tensor) -> Tensor:
+            return torch.cat([t, t.new_zeros((extra,) + t.shape[1:])])
+
+        args, kwargs = _map_batch((args, kwargs), rows, append)
+        self.shadow_batch.begin(rows, groups, self.rows_per_group)
+        try:
+            out = self.module(*args, **kwargs)
+        finally:
+            self.shadow_batch.end()
+        return _map_batch(out, rows + extra, lambda t: t[:rows])
