@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +115,13 @@ class _BatchKalmanNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats:
+        if not (self.training or not self.track_running_stats):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
             )
         shadow_batch = self._shadow_batch
-        if shadow_batch is not None and shadow_batch.active:
-            real, shadow, groups = shadow_batch.split(x, self)
-        else:
-            real, shadow, groups = x, None, self._groups(x.shape[0])
+        if shadow_batch is None or not shadow_batch.active:
             if self.training and self.gain > 0 and not self._warned_alone:
                 self._warned_alone = True
                 warnings.warn(
@@ -134,23 +130,49 @@ class _BatchKalmanNorm(_NormBase):
                     "model with kalmannorm.KalmanPredictor (convert_batchnorm does this)",
                     stacklevel=2,
                 )
-        values_per_group = (real.shape[0] // groups) * math.prod(real.shape[2:])
+            return self.forward_with_prior(x, None, self._groups(x.shape[0]))[0]
+
+        real, shadow, groups = shadow_batch.split(x, self)
+        prior, prior_valid = None, None
+        if shadow_batch.has_predecessor and self.gain > 0:
+            mean_prior, var_prior, prior_valid = KF.prior_from_rows(shadow, groups)
+            prior = (mean_prior, var_prior)
+        y, mean, var = self.forward_with_prior(real, prior, groups, prior_valid)
+        shadow_out = KF.sample_rows(
+            mean, var, shadow.shape[0] // groups, tuple(shadow.shape[2:]),
+            generator=shadow_batch.generator,
+        )
+        if self.propagate == "normalized":
+            shadow_out = KF.normalize(shadow_out, mean, var, self.weight, self.bias, self.eps)
+        shadow_batch.has_predecessor = True
+        return torch.cat([y, shadow_out.to(y.dtype)])
+
+    def forward_with_prior(
+        self,
+        x: Tensor,
+        prior: Optional[Tuple[Tensor, Tensor]],
+        groups: int,
+        prior_valid: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Normalize ``x`` with batch statistics corrected by ``prior``; update the buffers.
+
+        The training-mode step of the layer for a caller that supplies the prediction itself
+        (see :func:`kalmannorm.functional.batch_kalman_norm` for the arguments).
+
+        Returns:
+            ``(y, mean, var)``: the output and the combined statistics ``[S, C]``.
+        """
+        values_per_group = (x.shape[0] // groups) * math.prod(x.shape[2:])
         if values_per_group < 2:
             raise ValueError(
                 f"expected more than 1 value per channel in each statistics group when "
-                f"training (got input of shape {tuple(real.shape)} split into {groups} groups)"
+                f"training (got input of shape {tuple(x.shape)} split into {groups} groups)"
             )
-
-        prior, prior_valid = None, None
-        if shadow is not None and shadow_batch.has_predecessor and self.gain > 0:
-            mean_prior, var_prior, prior_valid = KF.prior_from_rows(shadow, groups)
-            prior = (mean_prior, var_prior)
         y, mean, var, used = KF.batch_kalman_norm(
-            real, prior, self.weight, self.bias, groups=groups, gain=self.gain, eps=self.eps,
+            x, prior, self.weight, self.bias, groups=groups, gain=self.gain, eps=self.eps,
             guard_threshold=self.guard_threshold, detach_prior=self.detach_prior,
             prior_valid=prior_valid,
         )
-
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             KF.update_running_stats(
@@ -160,17 +182,7 @@ class _BatchKalmanNorm(_NormBase):
             if prior is not None:
                 with torch.no_grad():
                     self.guard_counts.add_(torch.stack([~used, torch.ones_like(used)]).long())
-
-        if shadow is None:
-            return y
-        shadow_out = KF.sample_rows(
-            mean, var, shadow.shape[0] // groups, tuple(shadow.shape[2:]),
-            generator=shadow_batch.generator,
-        )
-        if self.propagate == "normalized":
-            shadow_out = KF.normalize(shadow_out, mean, var, self.weight, self.bias, self.eps)
-        shadow_batch.has_predecessor = True
-        return torch.cat([y, shadow_out.to(y.dtype)])
+        return y, mean, var
 
 
 _DOC_OPTIONS = """
