@@ -1,0 +1,109 @@
+"""Run records: one JSON file per training run, rewritten after every epoch.
+
+A record holds everything needed to read a result without the code that made it: the resolved
+config, the git commit, package and torch versions, seed, device, per-epoch metrics and the
+guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
+
+    schema, label, status ("running" | "incomplete" | "complete"), complete (bool),
+    config {...}, seed, device, world_size,
+    git_commit (str | null), git_dirty (bool | null), versions {kalmannorm, torch, python, numpy},
+    dataset {name, train_size, test_size, num_classes, image_shape, pad, flip},
+    model {arch, num_parameters}, epochs_planned, epochs_done, steps_per_epoch,
+    started_at, updated_at (ISO 8601 UTC), wall_time (s, summed over sessions), resumed_at [epoch],
+    stop_reason (null | "time_limit" | "finished"),
+    history [{epoch, lr, steps, train_loss, train_error, test_loss, test_error, epoch_time,
+              wall_time, guard_fallbacks, guard_priors}],  # errors are fractions in [0, 1]
+    final {train_loss, train_error, test_loss, test_error}
+
+Writes are atomic (temporary file + rename), so a killed run leaves the last complete record.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = [
+    "SCHEMA",
+    "REQUIRED_FIELDS",
+    "git_info",
+    "versions",
+    "now",
+    "write_json",
+    "read_record",
+]
+
+SCHEMA = "kalmannorm.run/1"
+REQUIRED_FIELDS = (
+    "schema", "label", "status", "complete", "config", "seed", "device", "world_size", "git_commit",
+    "versions", "dataset", "model", "epochs_planned", "epochs_done", "started_at", "updated_at",
+    "wall_time", "history", "final",
+)
+EPOCH_FIELDS = (
+    "epoch", "lr", "steps", "train_loss", "train_error", "test_loss", "test_error", "epoch_time",
+    "wall_time", "guard_fallbacks", "guard_priors",
+)
+
+
+def git_info(path: Optional[str] = None) -> Tuple[Optional[str], Optional[bool]]:
+    """``(commit, dirty)`` of the git checkout holding ``path`` (default: this package), or ``(None, None)``."""
+    path = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return commit.stdout.strip(), dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def versions() -> Dict[str, str]:
+    """Versions of the package, torch, python and numpy."""
+    import numpy
+    import torch
+
+    try:
+        from . import __version__ as package_version
+    except ImportError:  # core package not importable (partial checkout)
+        from importlib.metadata import version
+
+        package_version = version("kalmannorm")
+    return dict(kalmannorm=str(package_version), torch=torch.__version__,
+                python=platform.python_version(), numpy=numpy.__version__)
+
+
+def now() -> str:
+    """Current UTC time, ISO 8601 with seconds."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (the old file survives a crash mid-write)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: str) -> Dict[str, Any]:
+    """Load a run record and check its schema and required fields."""
+    with open(path) as f:
+        record = json.load(f)
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a kalmannorm run record (expected schema {SCHEMA!r})")
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"{path} lacks record fields {missing}")
+    return record
