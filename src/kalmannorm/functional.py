@@ -33,6 +33,11 @@ __all__ = [
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _check_groups(x: Tensor, groups: int) -> int:
     if x.dim() < 2:
         raise ValueError(f"expected at least 2D input [N, C, *] (got {x.dim()}D input)")
@@ -45,7 +50,7 @@ def _check_groups(x: Tensor, groups: int) -> int:
 
 
 def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    """Mean and biased variance of ``x`` per (group, channel), in float32.
+    """Mean and biased variance of ``x`` per (group, channel), in float32 (float64 stays).
 
     ``mean[s, c]`` and ``var[s, c]`` are taken over the rows of group ``s`` and every spatial
     position: ``var = E[(x - mean)^2]`` (biased, the variance used to normalize).
@@ -65,7 +70,7 @@ def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     channels = x.shape[1]
     # Per (row, channel) moments over the contiguous spatial axis, then the rows of a group are
     # combined with the parallel-variance formula: one pass over the data, no strided reduction.
-    rows = x.float().reshape(groups, m, channels, -1)  # [S, m, C, L]
+    rows = x.to(stat_dtype(x.dtype)).reshape(groups, m, channels, -1)  # [S, m, C, L]
     row_var, row_mean = torch.var_mean(rows, dim=-1, correction=0)  # [S, m, C]
     mean = row_mean.mean(dim=1)  # [S, C]
     var = (row_var + (row_mean - mean.unsqueeze(1)).square()).mean(dim=1)
@@ -90,8 +95,9 @@ def kalman_update(
 
     the mean and variance of the mixture ``p * N(prior) + (1 - p) * N(obs)``. The guard of the
     released code keeps the observed statistics for the whole layer when
-    ``mean(var_prior / var_obs) >= guard_threshold`` or that ratio is not finite; a prior whose
-    variance is zero everywhere is "no prior". The choice is a tensor ``where`` (no host
+    ``mean(var_prior / var_obs) >= guard_threshold`` or that ratio is not finite (so a channel
+    with zero observed variance rejects it); a prior with a non-finite mean is rejected, and one
+    whose variance is zero everywhere is "no prior". The choice is a tensor ``where`` (no host
     synchronisation), and the branch not taken receives exactly zero gradient.
 
     Args:
@@ -110,8 +116,13 @@ def kalman_update(
     with torch.no_grad():
         ratio = (var_prior / var_obs).mean()
         used = (var_prior != 0).any() & torch.isfinite(ratio) & (ratio < guard_threshold)
+        used = used & torch.isfinite(mean_prior).all()
         if prior_valid is not None:
             used = used & prior_valid
+    # A rejected prior (possibly inf/nan) is swapped out before any arithmetic, so the branch
+    # not taken cannot turn its zero gradient into nan (0 * inf).
+    mean_prior = torch.where(used, mean_prior, mean_obs.detach())
+    var_prior = torch.where(used, var_prior, var_obs.detach())
     diff = mean_obs - mean_prior
     mean = torch.lerp(mean_obs, mean_prior, gain)
     var = torch.lerp(var_obs, var_prior, gain) + (gain * (1.0 - gain)) * diff.square()
@@ -150,10 +161,10 @@ def normalize(
     """
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.float()
+        scale = scale * weight.to(scale.dtype)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.float()
+        shift = shift + bias.to(shift.dtype)
     return group_affine(x, scale, shift)
 
 
@@ -209,7 +220,8 @@ def batch_kalman_norm(
         if detach_prior:
             mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
         mean, var, used = kalman_update(
-            mean_obs, var_obs, mean_prior.float(), var_prior.float(), gain, guard_threshold,
+            mean_obs, var_obs, mean_prior.to(mean_obs.dtype), var_prior.to(var_obs.dtype), gain,
+            guard_threshold,
             prior_valid,
         )
     return normalize(x, mean, var, weight, bias, eps), mean, var, used
@@ -255,12 +267,12 @@ def sample_rows(
         generator: optional random generator.
 
     Shape:
-        - Output: ``[S * K, C, *spatial]``, float32, rows of group ``s`` contiguous.
+        - Output: ``[S * K, C, *spatial]`` in ``mean``'s dtype, rows of group ``s`` contiguous.
     """
     groups, channels = mean.shape
     noise = torch.randn(
         (groups, rows_per_group, channels) + tuple(spatial),
-        generator=generator, device=mean.device, dtype=torch.float32,
+        generator=generator, device=mean.device, dtype=mean.dtype,
     )
     view = (groups, 1, channels) + (1,) * len(spatial)
     std = var.clamp_min(_TINY).sqrt()
@@ -296,7 +308,7 @@ def update_running_stats(
         stat_mean = mean[0] if group0_only else mean.mean(dim=0)
         stat_var = (var[0] if group0_only else var.mean(dim=0)) * (count / (count - 1))
         finite = torch.isfinite(stat_mean).all() & torch.isfinite(stat_var).all()
-        new_mean = torch.lerp(running_mean.float(), stat_mean, momentum)
-        new_var = torch.lerp(running_var.float(), stat_var, momentum)
-        running_mean.copy_(torch.where(finite, new_mean, running_mean.float()))
-        running_var.copy_(torch.where(finite, new_var, running_var.float()))
+        new_mean = torch.lerp(running_mean.to(stat_mean.dtype), stat_mean, momentum)
+        new_var = torch.lerp(running_var.to(stat_var.dtype), stat_var, momentum)
+        running_mean.copy_(torch.where(finite, new_mean, running_mean.to(new_mean.dtype)))
+        running_var.copy_(torch.where(finite, new_var, running_var.to(new_var.dtype)))
