@@ -180,8 +180,9 @@ class _BatchKalmanNorm(_NormBase):
                 values_per_group, group0_only=self.running_stats == "group0",
             )
             if prior is not None:
-                with torch.no_grad():
-                    self.guard_counts.add_(torch.stack([~used, torch.ones_like(used)]).long())
+                with torch.no_grad():  # a prior with zero variance everywhere is no prior
+                    available = (prior[1] != 0).any()
+                    self.guard_counts.add_(torch.stack([available & ~used, available]).long())
         return y, mean, var
 
 
