@@ -1,0 +1,7 @@
+"""``python -m kalmannorm COMMAND ...``: the command line of :mod:`kalmannorm.cli`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The ``kalmannorm`` command line: argparse subcommands mapped to functions.
+
+Commands live in :data:`COMMANDS`, a table of :class:`Command` entries. A command may name a
+module instead of functions; that module (with ``add_arguments(parser)`` and ``main(args)``) is
+imported only when its command runs, e.g. ``bench`` in :mod:`kalmannorm.bench`.
+
+Usage::
+
+    kalmannorm demo                                   # the offline micro-batch comparison
+    kalmannorm train --norm bkn --gain 0.9 --micro-batch 2 --epochs 10
+    kalmannorm train --dataset cifar10 --data-dir data --arch preact_resnet32 --recipe paper \\
+        --norm bkn --gain 0.9 --micro-batch 2 --device cuda
+    torchrun --nproc_per_node=2 -m kalmannorm train ...   # DDP; --batch-size is per process
+    kalmannorm report runs/demo --out runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["Command", "COMMANDS", "build_parser", "main", "demo_configs"]
+
+log = logging.getLogger("kalmannorm")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``add_arguments(parser)`` and ``main(args) -> int | None``, or a ``module``
+    holding both, imported only when the command runs."""
+
+    name: str
+    help: str
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    main: Optional[Callable[[argparse.Namespace], Optional[int]]] = None
+    module: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------------------ train
+def _key_value(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (got {text!r})")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``train``; each maps to a :class:`kalmannorm.train.TrainConfig` field."""
+    from .data import DATASETS
+    from .models import ARCHITECTURES
+    from .train import RECIPES
+
+    # Flags default to None: only the ones given override --config and the dataclass defaults.
+    p.add_argument("--config", metavar="JSON", help="JSON file of TrainConfig fields (unknown keys fail)")
+    g = p.add_argument_group("method")
+    g.add_argument("--norm", help="norm registry name: batchnorm, ghost_batchnorm, groupnorm, "
+                   "layernorm, instancenorm, batchrenorm, bkn (default batchnorm)")
+    g.add_argument("--micro-batch", type=int, help="rows per statistics group (default: whole batch)")
+    g.add_argument("--gain", type=float, help="BKN gain p, the weight on the prediction (e.g. 0.9)")
+    g.add_argument("--norm-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="extra norm constructor option (JSON value), repeatable, e.g. num_groups=4")
+    g.add_argument("--label", help="method name in reports (default from norm, gain, micro-batch)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", help=f"{', '.join(ARCHITECTURES)}; any preact_resnet6n+2 (default preact_resnet20)")
+    g.add_argument("--width", type=int, help="base width (default 16 preact, 64 resnet)")
+    g.add_argument("--model-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="resnet* option: stem=cifar, zero_init_residual=true")
+    g.add_argument("--dataset", choices=DATASETS, help="default digits (offline)")
+    g.add_argument("--data-dir", help="CIFAR directory (default data) or image-folder root")
+    g.add_argument("--download", action="store_true", default=None, help="fetch CIFAR if missing")
+    g.add_argument("--image-size", type=int, help="resize folder images to SIZE x SIZE")
+    g.add_argument("--limit-train", type=int, help="train on a fixed random subset of this size")
+    g.add_argument("--limit-test", type=int, help="test on a fixed random subset of this size")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--recipe", choices=list(RECIPES), help="short (default) or paper (released schedule)")
+    g.add_argument("--epochs", type=int, help="default: the recipe's (short 10, paper 400)")
+    g.add_argument("--lr", type=float, help="peak/main learning rate (default: the recipe's)")
+    g.add_argument("--weight-decay", type=float, help="on conv and linear weights (default: the recipe's)")
+    g.add_argument("--recipe-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="other recipe field, e.g. warmup_fraction=0.1")
+    g.add_argument("--batch-size", type=int, help="SGD batch per process (default 128)")
+    g.add_argument("--eval-batch-size", type=int)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, nargs="+", help="one run per seed (default 0)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument("--run-dir", help="default runs/<label>-seed<seed>; with several seeds, DIR/seed<seed>")
+    g.add_argument("--resume", action="store_true", default=None, help="continue from the run's checkpoint")
+    g.add_argument("--overwrite", action="store_true", default=None, help="start an existing run again")
+    g.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop after the epoch past which another would not fit (record: incomplete)")
+    g.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+
+
+_OPTION_FLAGS = {"norm_option": "norm_options", "model_option": "model_options", "recipe_option": "recipe_options"}
+
+
+def config_from_args(args: argparse.Namespace) -> List[Any]:
+    """TrainConfigs (one per seed) from ``--config`` and the flags given."""
+    from .train import TrainConfig
+
+    values: Dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as f:
+            values = json.load(f)
+        TrainConfig.from_dict(values)  # unknown keys fail before anything runs
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in vars(args).items():
+        if value is None:
+            continue
+        if name in _OPTION_FLAGS:
+            values[_OPTION_FLAGS[name]] = {**values.get(_OPTION_FLAGS[name], {}), **dict(value)}
+        elif name in fields and name != "seed":
+            values[name] = value
+    if args.quiet:
+        values["progress"] = False
+    seeds = args.seed or [values.get("seed", 0)]
+    configs = []
+    for seed in seeds:
+        v = dict(values, seed=seed)
+        if len(seeds) > 1 and v.get("run_dir"):
+            v["run_dir"] = os.path.join(v["run_dir"], f"seed{seed}")
+        configs.append(TrainConfig.from_dict(v))
+    return configs
+
+
+def train_main(args: argparse.Namespace) -> int:
+    from .train import train
+
+    for config in config_from_args(args):
+        record = train(config)
+        if record["status"] not in ("complete", "incomplete"):
+            return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- report
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("records", nargs="+", metavar="RECORD", help="record.json files or directories")
+    p.add_argument("--out", required=True, metavar="DIR", help="where report.md and test_error.png go")
+    p.add_argument("--title", help="report title")
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    result = write_report(args.records, args.out, args.title)
+    print(result["markdown"])
+    print(f"report: {result['report']}\nplot: {result['plot']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- demo
+def demo_configs(epochs: int = 15, seeds: Sequence[int] = (0,), out: str = os.path.join("runs", "demo"),
+                 **common: Any) -> List[Any]:
+    """The demo's runs: micro-batch comparison on the offline digits data.
+
+    Pre-activation ResNet-20 at width 8, SGD batch 64 with the short recipe; statistics over the
+    whole batch (BN) or over micro-batches of 2: BN, GroupNorm (4 groups), Batch Renorm, BKN
+    (p = 0.9). Batch Renorm's warm-up is scaled to the run (a tenth of the steps, then a ramp
+    over another fifth) instead of its defaults, meant for far longer runs.
+    """
+    from .train import TrainConfig
+
+    base = dict(dataset="digits", arch="preact_resnet20", width=8, batch_size=64, epochs=epochs, lr=0.1)
+    base.update(common)
+    steps = 1437 // base["batch_size"] * epochs  # digits: 1,437 training images
+    methods = [
+        dict(label="BN, full batch", norm="batchnorm"),
+        dict(label="BN, m=2", norm="ghost_batchnorm", micro_batch=2),
+        dict(label="GN (4 groups)", norm="groupnorm", norm_options=dict(num_groups=4)),
+        dict(label="BRN, m=2", norm="batchrenorm", micro_batch=2,
+             norm_options=dict(warmup_steps=steps // 10, ramp_steps=steps // 5)),
+        dict(label="BKN (p=0.9), m=2", norm="bkn", gain=0.9, micro_batch=2),
+    ]
+    configs = []
+    for seed in seeds:
+        for m in methods:
+            slug = m["label"].replace(" ", "").replace(",", "_").replace("(", "").replace(")", "")
+            configs.append(TrainConfig(**base, **m, seed=seed,
+                                       run_dir=os.path.join(out, f"{slug}-seed{seed}")))
+    return configs
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=15, help="epochs per run (default 15)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="directory (default runs/demo)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--fresh", action="store_true", help="start the runs again instead of resuming them")
+    p.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
+
+
+def demo_main(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .train import train
+
+    configs = demo_configs(args.epochs, args.seeds, args.out, device=args.device, threads=args.threads,
+                           progress=not args.quiet, resume=not args.fresh, overwrite=args.fresh)
+    log.info("demo: %d runs on the digits data into %s", len(configs), args.out)
+    for config in configs:
+        train(config)
+    result = write_report([c.run_dir for c in configs], args.out,
+                          f"Micro-batch comparison on digits ({args.epochs} epochs)")
+    print(result["markdown"])
+    print(f"report: {result['report']}\nplot: {result['plot']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parsing
+COMMANDS: List[Command] = [
+    Command("train", "train one model (one run per seed), writing a record and checkpoints",
+            add_train_arguments, train_main),
+    Command("report", "markdown table and test-error plot from run records", add_report_arguments, report_main),
+    Command("demo", "micro-batch comparison on the offline digits data (a few CPU minutes)",
+            add_demo_arguments, demo_main),
+    Command("bench", "speed benchmarks of the norm layers", module="kalmannorm.bench"),
+]
+
+
+def _load_module(parser: argparse.ArgumentParser, command: Command):
+    try:
+        module = importlib.import_module(command.module)
+    except ImportError as err:
+        parser.error(f"the '{command.name}' command needs {command.module}, which is not "
+                     f"available in this installation ({err})")
+    for attr in ("add_arguments", "main"):
+        if not callable(getattr(module, attr, None)):
+            parser.error(f"{command.module} has no {attr}() for the '{command.name}' command")
+    return module
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser; a lazy command's module is imported only if ``argv`` selects it."""
+    from . import __version__
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="kalmannorm", description="Batch Kalman Normalization tools")
+    parser.add_argument("--version", action="version", version=f"kalmannorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        if command.module is None:
+            command.add_arguments(p)
+            p.set_defaults(_main=command.main)
+        elif command.name == chosen:
+            module = _load_module(parser, command)
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``kalmannorm`` script and ``python -m kalmannorm``."""
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        code = args._main(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"kalmannorm {args.command}: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+    return int(code or 0)

@@ -1,0 +1,167 @@
+"""Reports from run records: a markdown table and a plot of test error against epoch.
+
+Every number in a report comes from the records (:mod:`kalmannorm.records`); nothing is typed.
+Runs are grouped by method label (plus architecture and dataset when several are present); a
+group's final test error is summarised by mean, sample standard deviation and range over seeds.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import statistics
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .records import read_record
+
+__all__ = ["collect_records", "summarize", "markdown_table", "plot_test_error", "write_report"]
+
+
+def collect_records(paths: Iterable[str]) -> List[Dict[str, Any]]:
+    """Load records from files and directories (searched recursively for ``record.json``)."""
+    files: List[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "**", "record.json"), recursive=True))
+            if not found:
+                raise FileNotFoundError(f"no record.json under {path!r}")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"record {path!r} does not exist")
+    records = []
+    for f in dict.fromkeys(files):  # keep order, drop duplicates
+        record = read_record(f)
+        record["_path"] = f
+        records.append(record)
+    if not records:
+        raise ValueError("no records given")
+    return records
+
+
+def _group_key(record: Dict[str, Any], with_arch: bool, with_data: bool) -> Tuple[str, ...]:
+    key = [record["label"]]
+    if with_arch:
+        key.append(record["config"]["arch"])
+    if with_data:
+        key.append(record["dataset"]["name"])
+    return tuple(key)
+
+
+def summarize(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per method (label, and arch / dataset when they vary), in order of appearance.
+
+    Row fields: ``label, arch, dataset, seeds, epochs, complete, test_error_mean, test_error_std,
+    test_error_min, test_error_max, train_loss_mean, guard_fallback_rate`` (errors as fractions;
+    ``std`` is the sample standard deviation, ``None`` with a single seed).
+    """
+    with_arch = len({r["config"]["arch"] for r in records}) > 1
+    with_data = len({r["dataset"]["name"] for r in records}) > 1
+    groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(_group_key(r, with_arch, with_data), []).append(r)
+    rows = []
+    for runs in groups.values():
+        errors = [r["final"]["test_error"] for r in runs if r["final"].get("test_error") is not None]
+        losses = [r["final"]["train_loss"] for r in runs if r["final"].get("train_loss") is not None]
+        fallbacks = sum(e["guard_fallbacks"] for r in runs for e in r["history"])
+        priors = sum(e["guard_priors"] for r in runs for e in r["history"])
+        rows.append(dict(
+            label=runs[0]["label"], arch=runs[0]["config"]["arch"], dataset=runs[0]["dataset"]["name"],
+            seeds=len({r["seed"] for r in runs}), runs=len(runs),
+            epochs=sorted({r["epochs_done"] for r in runs}),
+            complete=sum(bool(r["complete"]) for r in runs),
+            test_error_mean=statistics.fmean(errors) if errors else None,
+            test_error_std=statistics.stdev(errors) if len(errors) > 1 else None,
+            test_error_min=min(errors) if errors else None,
+            test_error_max=max(errors) if errors else None,
+            train_loss_mean=statistics.fmean(losses) if losses else None,
+            guard_fallback_rate=(fallbacks / priors) if priors else None,
+        ))
+    return rows
+
+
+def _fmt_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table of :func:`summarize` rows (test error in percent)."""
+    header = ["Method", "Arch", "Dataset", "Seeds", "Epochs", "Test error % (mean ± std)",
+              "Min–max %", "Final train loss", "Guard fallbacks"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in rows:
+        spread = "" if row["test_error_std"] is None else f" ± {100 * row['test_error_std']:.2f}"
+        epochs = "/".join(str(e) for e in row["epochs"])
+        if row["complete"] < row["runs"]:
+            epochs += f" ({row['runs'] - row['complete']} incomplete)"
+        guard = "n/a" if row["guard_fallback_rate"] is None else f"{100 * row['guard_fallback_rate']:.1f}%"
+        cells = [
+            row["label"], row["arch"], row["dataset"], str(row["seeds"]), epochs,
+            _fmt_pct(row["test_error_mean"]) + spread,
+            f"{_fmt_pct(row['test_error_min'])}–{_fmt_pct(row['test_error_max'])}",
+            "n/a" if row["train_loss_mean"] is None else f"{row['train_loss_mean']:.4f}", guard,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_test_error(records: Sequence[Dict[str, Any]], path: str, title: Optional[str] = None) -> str:
+    """PNG of test error (%) against epoch: mean over seeds per method, min–max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_arch = len({r["config"]["arch"] for r in records}) > 1
+    with_data = len({r["dataset"]["name"] for r in records}) > 1
+    groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(_group_key(r, with_arch, with_data), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for key, runs in groups.items():
+        by_epoch: Dict[int, List[float]] = {}
+        for r in runs:
+            for e in r["history"]:
+                if e.get("test_error") is not None:
+                    by_epoch.setdefault(e["epoch"] + 1, []).append(100 * e["test_error"])
+        if not by_epoch:
+            continue
+        epochs = sorted(by_epoch)
+        mean = [statistics.fmean(by_epoch[e]) for e in epochs]
+        line, = ax.plot(epochs, mean, label=" / ".join(key) + f" (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title or "Test error")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(paths: Iterable[str], out_dir: str, title: Optional[str] = None) -> Dict[str, str]:
+    """Write ``report.md`` and ``test_error.png`` into ``out_dir`` from the given records.
+
+    Returns ``{"markdown": table text, "report": path of report.md, "plot": path of the PNG}``.
+    """
+    records = collect_records(paths)
+    rows = summarize(records)
+    table = markdown_table(rows)
+    plot = plot_test_error(records, os.path.join(out_dir, "test_error.png"), title)
+    versions = sorted({(r["git_commit"] or "no git", r["versions"]["kalmannorm"], r["versions"]["torch"],
+                        r.get("device_name", r["device"])) for r in records})
+    sources = "\n".join(f"- commit `{c}`, kalmannorm {k}, torch {t}, {d}" for c, k, t, d in versions)
+    text = (f"# {title or 'Results'}\n\nFinal test error per method over seeds, from "
+            f"{len(records)} run records.\n\n{table}\n![test error]({os.path.basename(plot)})\n\n"
+            f"Produced by:\n{sources}\n")
+    report = os.path.join(out_dir, "report.md")
+    with open(report, "w") as f:
+        f.write(text)
+    return dict(markdown=table, report=report, plot=plot)
