@@ -1,0 +1,83 @@
+"""The norm registry: every entry is a working drop-in norm_layer(num_channels)."""
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kalmannorm as kn
+
+
+def inputs_for(name):
+    if name.endswith("1d"):
+        return [torch.randn(8, 32), torch.randn(8, 32, 5)]
+    if name.endswith("3d"):
+        return [torch.randn(8, 32, 2, 3, 3)]
+    return [torch.randn(8, 32, 4, 4)]
+
+
+@pytest.mark.parametrize("name", kn.norm_names())
+def test_every_registered_norm_runs_forward_and_backward(name):
+    layer = kn.get_norm_layer(name)(32)
+    assert isinstance(layer, nn.Module)
+    for x in inputs_for(name):
+        x = x.clone().requires_grad_(True)
+        for training in (True, False):
+            layer.train(training)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                y = layer(x)
+            assert y.shape == x.shape and torch.isfinite(y).all()
+            y.square().sum().backward()
+            assert torch.isfinite(x.grad).all()
+            params = list(layer.parameters())
+            assert params and all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("name", ["ghost_batchnorm", "batchrenorm", "bkn"])
+def test_micro_batch_norms_take_micro_batch(name):
+    layer = kn.get_norm_layer(name, micro_batch=2)(4)
+    with pytest.raises(ValueError, match="micro_batch=2"):
+        layer(torch.randn(3, 4, 2, 2))
+
+
+def test_ghost_batchnorm_is_per_group_batchnorm():
+    layer = kn.get_norm_layer("ghost_batchnorm", micro_batch=2)(3)
+    x = torch.randn(4, 3, 5, 5)
+    ref = torch.cat([nn.functional.batch_norm(c, None, None, training=True) for c in x.chunk(2)])
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_layer_and_instance_norm_statistics():
+    x = torch.randn(2, 4, 3, 3) * 5 + 2
+    y = kn.get_norm_layer("layernorm")(4)(x)
+    torch.testing.assert_close(y.mean((1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    y = kn.get_norm_layer("instancenorm")(4)(x)
+    torch.testing.assert_close(y.mean((2, 3)), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    y = kn.get_norm_layer("groupnorm", num_groups=2)(4)(x)
+    torch.testing.assert_close(y.reshape(2, 2, -1).mean(-1), torch.zeros(2, 2), atol=1e-5, rtol=0)
+
+
+def test_resolution_of_names_classes_and_partials():
+    assert kn.get_norm_layer("BatchNorm") is nn.BatchNorm2d
+    assert kn.get_norm_layer("batchnorm3d") is nn.BatchNorm3d
+    assert kn.get_norm_layer(nn.BatchNorm2d) is nn.BatchNorm2d
+    partial = functools.partial(kn.GroupNorm, num_groups=2)
+    assert kn.get_norm_layer(partial)(4).num_groups == 2
+    assert kn.get_norm_layer(kn.GroupNorm, num_groups=4)(8).num_groups == 4
+    assert kn.get_norm_layer("bkn", gain=0.3)(4).gain == 0.3
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnrom'; valid names: .*bkn.*"):
+        kn.get_norm_layer("batchnrom")
+    with pytest.raises(TypeError, match="norm must be a name, a class or a callable"):
+        kn.get_norm_layer(3)
+    with pytest.raises(TypeError):  # unknown keyword arguments are not swallowed
+        kn.get_norm_layer("groupnorm", micro_batch=2)(8)
+
+
+def test_register_norm_rejects_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        kn.register_norm("bkn", kn.BatchKalmanNorm2d)
