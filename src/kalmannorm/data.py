@@ -429,12 +429,13 @@ def load_image_folder(
                 if image_size is not None:
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
+            a = a.reshape(a.shape[0], a.shape[1], channels)
             if arrays and a.shape != arrays[0].shape:
                 raise ValueError(
                     f"{path} has size {a.shape[1]}x{a.shape[0]}, unlike {items[0][0]} "
                     f"({arrays[0].shape[1]}x{arrays[0].shape[0]}); pass image_size to resize"
                 )
-            arrays.append(a.reshape(a.shape[0], a.shape[1], channels))
+            arrays.append(a)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         return x, torch.tensor([label for _, label in items], dtype=torch.long)
 

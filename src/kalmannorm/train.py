@@ -300,7 +300,8 @@ class TrainConfig:
 # -------------------------------------------------------------------------------------- callbacks
 @dataclass
 class RunState:
-    """What callbacks see: the config, progress counters and the record being written."""
+    """What callbacks see: the config, progress counters, the record being written, the model
+    (unwrapped: no KalmanPredictor or DDP) and the optimizer."""
 
     config: TrainConfig
     record: Dict[str, Any]
@@ -310,6 +311,8 @@ class RunState:
     world_size: int = 1
     epoch: int = 0
     step: int = 0
+    model: Optional[nn.Module] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
 
     @property
     def is_main(self) -> bool:
@@ -591,7 +594,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
         if world > 1:
             ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
             net = nn.parallel.DistributedDataParallel(net, **ddp_kw)
-        state = RunState(config, record, recipe.epochs, steps, rank, world, epoch=record["epochs_done"])
+        state = RunState(config, record, recipe.epochs, steps, rank, world, epoch=record["epochs_done"],
+                         model=model, optimizer=optimizer)
         if rank != 0:
             callbacks = list(callbacks)
         elif not callbacks or not any(isinstance(c, (LogLines, ProgressBar)) for c in callbacks):
