@@ -78,7 +78,7 @@ def versions() -> Dict[str, str]:
         from importlib.metadata import version
 
         package_version = version("kalmannorm")
-    return dict(kalmannorm=str(package_version), torch=torch.__version__,
+    return dict(kalmannorm=str(package_version), torch=str(torch.__version__),
                 python=platform.python_version(), numpy=numpy.__version__)
 
 

@@ -1,0 +1,182 @@
+"""Training harness: records, resume, recipes, parameter groups, CLI."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from kalmannorm.cli import main as cli_main
+from kalmannorm.records import EPOCH_FIELDS, REQUIRED_FIELDS, read_record
+from kalmannorm.report import write_report
+from kalmannorm.train import (
+    Callback, PaperRecipe, ShortRecipe, TrainConfig, train, weight_decay_groups,
+)
+
+TINY = dict(dataset="digits", arch="preact_resnet8", width=4, limit_train=96, limit_test=40,
+            batch_size=16, epochs=2, threads=1, progress=False)
+
+
+def tiny(tmp_path, name="run", **kw):
+    return TrainConfig(**{**TINY, "run_dir": str(tmp_path / name), **kw})
+
+
+def test_tiny_run_writes_complete_record(tmp_path):
+    steps_seen = []
+
+    class CountSteps(Callback):
+        def on_step_end(self, state, loss, errors, batch_size):
+            steps_seen.append((state.epoch, state.step, batch_size))
+
+    record = train(tiny(tmp_path, norm="bkn", gain=0.9, micro_batch=2), callbacks=[CountSteps()])
+    on_disk = read_record(str(tmp_path / "run" / "record.json"))
+    assert on_disk == json.loads(json.dumps(record))
+    for key in REQUIRED_FIELDS:
+        assert key in record
+    assert record["status"] == "complete" and record["complete"] and record["stop_reason"] == "finished"
+    assert record["label"] == "BKN (p=0.9), m=2"
+    assert record["config"]["norm"] == "bkn" and record["config"]["micro_batch"] == 2
+    assert record["recipe"]["name"] == "short" and record["recipe"]["epochs"] == 2
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["seed"] == 0 and record["device"] == "cpu" and record["world_size"] == 1
+    assert record["git_commit"] is None or len(record["git_commit"]) == 40
+    assert record["dataset"]["train_size"] == 96 and record["dataset"]["test_size"] == 40
+    assert record["epochs_done"] == 2 and record["steps_per_epoch"] == 6
+    assert [e["epoch"] for e in record["history"]] == [0, 1]
+    for entry in record["history"]:
+        assert set(EPOCH_FIELDS) <= set(entry)
+        assert 0 <= entry["test_error"] <= 1 and entry["train_loss"] > 0
+        # Every BKN layer but the first has a prior at every step.
+        assert entry["guard_priors"] == 6 * (8 - 1) - 0 * entry["guard_fallbacks"] or entry["guard_priors"] > 0
+    assert record["final"]["test_error"] == record["history"][-1]["test_error"]
+    assert record["wall_time"] > 0
+    assert len(steps_seen) == 12 and steps_seen[-1] == (1, 6, 16)
+    assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
+
+
+def _final_state(run_dir):
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    return ckpt["model"], ckpt["optimizer"], ckpt["record"]
+
+
+@pytest.mark.parametrize("method", [dict(norm="bkn", gain=0.9, micro_batch=2), dict(norm="batchnorm")])
+def test_resume_reproduces_uninterrupted_run(tmp_path, method):
+    full = train(tiny(tmp_path, "full", epochs=3, **method))
+    stopped = train(tiny(tmp_path, "split", epochs=3, time_limit=0, **method))
+    assert stopped["status"] == "incomplete" and not stopped["complete"]
+    assert stopped["stop_reason"] == "time_limit" and stopped["epochs_done"] == 1
+    assert read_record(str(tmp_path / "split" / "record.json"))["status"] == "incomplete"
+    resumed = train(tiny(tmp_path, "split", epochs=3, resume=True, **method))
+    assert resumed["status"] == "complete" and resumed["resumed_at"] == [1]
+    model_a, opt_a, rec_a = _final_state(tmp_path / "full")
+    model_b, opt_b, rec_b = _final_state(tmp_path / "split")
+    assert model_a.keys() == model_b.keys()
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for pa, pb in zip(opt_a["state"].values(), opt_b["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_time", "wall_time")} for e in h]
+    assert strip(full["history"]) == strip(resumed["history"])
+
+
+def test_resume_refuses_changed_config_and_existing_run(tmp_path):
+    train(tiny(tmp_path, epochs=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny(tmp_path, epochs=1, lr=0.05, resume=True))
+    again = train(tiny(tmp_path, epochs=1, resume=True))  # finished: nothing left to do
+    assert again["status"] == "complete" and again["epochs_done"] == 1
+
+
+def test_true_small_batch_and_groupnorm(tmp_path):
+    record = train(tiny(tmp_path, batch_size=2, limit_train=10, epochs=1, norm="groupnorm",
+                        norm_options=dict(num_groups=2)))
+    assert record["steps_per_epoch"] == 5 and record["label"] == "GN, batch 2"
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown config keys \\['bach_size'\\]"):
+        TrainConfig.from_dict(dict(bach_size=3))
+    with pytest.raises(ValueError, match="micro_batch=3"):
+        TrainConfig(batch_size=128, micro_batch=3)
+    with pytest.raises(ValueError, match="unknown 'short' recipe keys \\['milestones'\\]"):
+        TrainConfig(recipe_options=dict(milestones=[1]))
+    with pytest.raises(ValueError, match="short, paper|paper"):
+        TrainConfig(recipe="fast")
+    with pytest.raises(ValueError, match="ghost_batchnorm"):
+        TrainConfig(norm="groupnorm", micro_batch=2).norm_layer()
+
+
+def test_paper_schedule():
+    r = PaperRecipe()
+    lrs = {e: r.lr_at(e, 0, 390) for e in (0, 1, 81, 82, 122, 123, 299, 300, 399)}
+    assert lrs == {0: 0.01, 1: 0.1, 81: 0.1, 82: 0.01, 122: 0.01, 123: 0.001, 299: 0.001,
+                   300: 0.0002, 399: 0.0002}
+    assert r.epochs == 400 and r.momentum == 0.9 and not r.nesterov and r.weight_decay == 2e-4
+
+
+def test_short_schedule_warmup_then_cosine():
+    r = ShortRecipe(epochs=10, lr=0.2)
+    lrs = [r.lr_at(e, s, 10) for e in range(10) for s in range(10)]
+    peak = lrs.index(max(lrs))
+    assert 10 <= peak <= 16 and max(lrs) <= 0.2 and lrs[0] == pytest.approx(0.2 * 0.04)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert lrs[-1] < 0.001 and r.nesterov
+
+
+def test_weight_decay_by_module_type():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    # A parameter whose name looks like a weight but belongs to a norm gets no decay.
+    decay, rest = weight_decay_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and rest["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert len(rest["params"]) == 4  # conv bias, norm weight and bias, linear bias
+
+
+def test_cli_train_and_report(tmp_path, capsys):
+    run = tmp_path / "cli"
+    code = cli_main(["train", "--arch", "preact_resnet8", "--width", "4", "--limit-train", "64",
+                     "--limit-test", "32", "--batch-size", "16", "--epochs", "1", "--threads", "1",
+                     "--norm", "ghost_batchnorm", "--micro-batch", "2", "--seed", "0", "1",
+                     "--run-dir", str(run), "--quiet"])
+    assert code == 0
+    for seed in (0, 1):
+        assert read_record(str(run / f"seed{seed}" / "record.json"))["seed"] == seed
+    capsys.readouterr()
+    assert cli_main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| BN, m=2 | preact_resnet8 | digits | 2 | 1 |" in out
+    assert os.path.getsize(tmp_path / "rep" / "test_error.png") > 1000
+    assert "BN, m=2" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_config_file_and_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(dict(TINY, epochs=1, run_dir=str(tmp_path / "r"), colour="red")))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--config", str(cfg)])
+    assert exc.value.code == 2 and "colour" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--arch", "vgg16", "--run-dir", str(tmp_path / "v")])
+    assert "preact_resnet20" in capsys.readouterr().err
+
+
+def test_bench_command_is_lazy(capsys):
+    try:
+        import kalmannorm.bench  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            cli_main(["bench"])
+        assert "kalmannorm.bench" in capsys.readouterr().err
+    else:
+        pytest.skip("kalmannorm.bench exists")
+
+
+def test_report_groups_seeds(tmp_path):
+    for seed in (0, 1):
+        train(tiny(tmp_path, f"s{seed}", epochs=1, seed=seed, label="mine"))
+    result = write_report([str(tmp_path / "s0"), str(tmp_path / "s1" / "record.json")], str(tmp_path / "out"))
+    row = [line for line in result["markdown"].splitlines() if line.startswith("| mine")]
+    assert len(row) == 1 and "| 2 |" in row[0] and "±" in row[0]
