@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
+from . import _fused
 from . import functional as KF
 
 __all__ = ["BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "PROPAGATE_MODES",
@@ -133,6 +134,15 @@ class _BatchKalmanNorm(_NormBase):
             return self.forward_with_prior(x, None, self._groups(x.shape[0]))[0]
 
         real, shadow, groups = shadow_batch.split(x, self)
+        if _fused.fused_available(x):
+            # One autograd node for prior, update, normalization and samples: no slices of x,
+            # no cat (see kalmannorm._fused); same result as the composite steps below.
+            y = self._forward_shadow_fused(
+                x, real.shape[0], groups, shadow.shape[0] // groups,
+                shadow_batch.has_predecessor and self.gain > 0, shadow_batch.generator,
+            )
+            shadow_batch.has_predecessor = True
+            return y
         prior, prior_valid = None, None
         if shadow_batch.has_predecessor and self.gain > 0:
             mean_prior, var_prior, prior_valid = KF.prior_from_rows(shadow, groups)
@@ -146,6 +156,40 @@ class _BatchKalmanNorm(_NormBase):
             shadow_out = KF.normalize(shadow_out, mean, var, self.weight, self.bias, self.eps)
         shadow_batch.has_predecessor = True
         return torch.cat([y, shadow_out.to(y.dtype)])
+
+    def _values_per_group(self, x: Tensor, groups: int) -> int:
+        values_per_group = (x.shape[0] // groups) * math.prod(x.shape[2:])
+        if values_per_group < 2:
+            raise ValueError(
+                f"expected more than 1 value per channel in each statistics group when "
+                f"training (got input of shape {tuple(x.shape)} split into {groups} groups)"
+            )
+        return values_per_group
+
+    def _update_buffers(self, mean: Tensor, var: Tensor, values_per_group: int,
+                        used: Tensor, available: Optional[Tensor]) -> None:
+        """Running averages and guard counters after a training step."""
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            KF.update_running_stats(
+                self.running_mean, self.running_var, mean, var, self._momentum(),
+                values_per_group, group0_only=self.running_stats == "group0",
+            )
+            if available is not None:
+                with torch.no_grad():
+                    self.guard_counts.add_(torch.stack([available & ~used, available]).long())
+
+    def _forward_shadow_fused(self, x: Tensor, real_rows: int, groups: int, shadow_rows: int,
+                              use_prior: bool, generator) -> Tensor:
+        values_per_group = self._values_per_group(x[:real_rows], groups)
+        y, mean, var, used, available = _fused.kalman_norm_fused(
+            x, self.weight, self.bias, real_rows=real_rows, groups=groups, gain=self.gain,
+            eps=self.eps, guard_threshold=self.guard_threshold, shadow_prior=use_prior,
+            shadow_rows=shadow_rows, normalized=self.propagate == "normalized",
+            generator=generator, detach_prior=self.detach_prior,
+        )
+        self._update_buffers(mean, var, values_per_group, used, available if use_prior else None)
+        return y
 
     def forward_with_prior(
         self,
@@ -162,27 +206,15 @@ class _BatchKalmanNorm(_NormBase):
         Returns:
             ``(y, mean, var)``: the output and the combined statistics ``[S, C]``.
         """
-        values_per_group = (x.shape[0] // groups) * math.prod(x.shape[2:])
-        if values_per_group < 2:
-            raise ValueError(
-                f"expected more than 1 value per channel in each statistics group when "
-                f"training (got input of shape {tuple(x.shape)} split into {groups} groups)"
-            )
+        values_per_group = self._values_per_group(x, groups)
         y, mean, var, used = KF.batch_kalman_norm(
             x, prior, self.weight, self.bias, groups=groups, gain=self.gain, eps=self.eps,
             guard_threshold=self.guard_threshold, detach_prior=self.detach_prior,
             prior_valid=prior_valid,
         )
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            KF.update_running_stats(
-                self.running_mean, self.running_var, mean, var, self._momentum(),
-                values_per_group, group0_only=self.running_stats == "group0",
-            )
-            if prior is not None:
-                with torch.no_grad():  # a prior with zero variance everywhere is no prior
-                    available = (prior[1] != 0).any()
-                    self.guard_counts.add_(torch.stack([available & ~used, available]).long())
+        # A prior with zero variance everywhere is no prior (not counted by the guard counters).
+        available = None if prior is None else (prior[1] != 0).any()
+        self._update_buffers(mean, var, values_per_group, used, available)
         return y, mean, var
 
 

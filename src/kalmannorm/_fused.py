@@ -1,0 +1,344 @@
+"""Fused eager kernel of the Batch Kalman Normalization training step (a performance detail).
+
+Wang et al., "Batch Kalman Normalization" (arXiv 1802.03133), method.md sections 3, 4 and 7.
+:func:`kalmannorm.functional.batch_kalman_norm` and the shadow-row step of the BKN layers compute
+exactly what their composite definitions in :mod:`kalmannorm.functional` compute, but written as
+torch ops the composite forms cost 3-10x a BatchNorm on CPU: ``var_mean`` is a slow Welford pass,
+every full-size temporary (``x.float()``, the float32 affine result, slices of the shadow rows,
+``torch.cat``) is a fresh allocation that the CPU allocator pays in page faults, and autograd
+replays all of it backwards. Here one :class:`torch.autograd.Function` does the whole layer:
+
+- forward: per-row sums, the centred second moment in the output buffer (two-pass, exact), the
+  Kalman update on ``[S, C]`` tensors, and one ``addcmul`` writing the real rows' output and one
+  writing the shadow rows' samples into a single preallocated output (no ``cat``);
+- backward: the two reductions per (group, channel), ``sum(g)`` and ``sum(g * (x - mean))``, in
+  one pass by the native BatchNorm backward kernel run on an ``[1, N * C, L]`` view (each
+  (row, channel) is one "channel" there), the ``[S, C]`` chain by autograd on the small graph
+  kept from the forward, and ``dx = g * a + x * b + c`` written once.
+
+The full-size tensors touched are those of a BatchNorm (input, output, gradients) plus the
+shadow rows' noise, which the reparameterised sample needs for its gradient as the composite
+form does. Statistics are float32 (float64 for float64 inputs) whatever the input dtype.
+
+The kernel is first-order (``once_differentiable``) and is used in eager mode only; under
+``torch.compile`` the composite form is traced (the compiler fuses it itself), and
+``fused=False`` in :func:`kalmannorm.functional.batch_kalman_norm` picks the composite form for
+double backward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["fused_available", "kalman_norm_fused"]
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def fused_available(x: Tensor) -> bool:
+    """Whether the fused kernel applies: eager mode and a dense layout it handles."""
+    if torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return False
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return False
+    return x.dim() >= 2 and x.numel() > 0
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` itself if it is contiguous or channels-last, else a contiguous copy."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _rows(t: Tensor, groups: int) -> Tensor:
+    """``[N, C, *spatial]`` as a ``[S, m, C, L]`` view (a view for both dense layouts)."""
+    return t.view(groups, t.shape[0] // groups, t.shape[1], -1)
+
+
+def _bn_reduce(grad: Tensor, inp: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(sum(grad), sum(grad * (inp - center)))`` over the last axis of ``[S, m, C, L]`` views.
+
+    One fused pass by the native BatchNorm backward kernel on an ``[1, S * m * C, L]`` view, each
+    (row, channel) being one of its channels. ``center`` is ``[S, C]`` (shared by the rows of a
+    group). Both inputs must be contiguous. Returns ``[S, m, C]`` tensors in the stat dtype.
+    """
+    groups, m, channels, length = inp.shape
+    sdt = _stat_dtype(inp.dtype)
+    rows = groups * m * channels
+    mean = center.to(sdt)[:, None, :].expand(groups, m, channels).reshape(rows)
+    ones = torch.ones(rows, dtype=sdt, device=inp.device)
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        grad.view(1, rows, length), inp.view(1, rows, length), None, None, None, mean, ones,
+        True, 0.0, [False, True, True],
+    )
+    return total.view(groups, m, channels), dot.view(groups, m, channels)
+
+
+def _sum_rows(v: Tensor) -> Tensor:
+    """Sum of a ``[S, m, C, L]`` view over rows and positions, ``[S, C]`` in the stat dtype."""
+    sdt = _stat_dtype(v.dtype)
+    if v.dtype == sdt:
+        return v.sum(dim=(1, 3))
+    return v.sum(dim=-1, dtype=sdt).sum(dim=1)
+
+
+def _moments_into(v: Tensor, scratch: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance per group of a ``[S, m, C, L]`` view, in the stat dtype.
+
+    float32/float64: two passes with the same ops as
+    :func:`kalmannorm.functional.group_moments` (bit-identical results); ``scratch`` (same shape
+    and layout as ``v``, the output buffer, so no allocation) receives ``(v - mean)^2`` and is
+    overwritten later by the caller. Half precision, contiguous: ``sum((v - mean) * v)`` in
+    float32 registers by the BatchNorm backward kernel, never rounding ``v - mean`` to the input
+    dtype (relative error about ``1e-7 * (mean / std)^2``).
+    """
+    sdt = _stat_dtype(v.dtype)
+    count = v.shape[1] * v.shape[3]
+    mean = v.sum(dim=(1, 3), dtype=sdt) / count  # [S, C]
+    if v.dtype == sdt:
+        torch.sub(v, mean[:, None, :, None], out=scratch)  # [S, m, C, L]
+        return mean, scratch.square_().sum(dim=(1, 3)) / count
+    if v.is_contiguous():
+        _, dot = _bn_reduce(v, v, mean)
+        return mean, dot.sum(dim=1) / count
+    return mean, (v.to(sdt) - mean[:, None, :, None]).square().sum(dim=(1, 3)) / count
+
+
+def _reduce_grad(g: Tensor, x: Tensor, center: Tensor, scratch: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(sum(g), sum(g * (x - center)))`` per group of ``[S, m, C, L]`` views, ``[S, C]``."""
+    if g.is_contiguous() and x.is_contiguous():
+        total, dot = _bn_reduce(g, x, center)
+        return total.sum(dim=1), dot.sum(dim=1)
+    sdt = _stat_dtype(x.dtype)
+    torch.sub(x, center[:, None, :, None].to(sdt), out=scratch)
+    scratch.mul_(g)
+    return _sum_rows(g), _sum_rows(scratch)
+
+
+class _KalmanNormFunction(torch.autograd.Function):
+    """The BKN training step of one layer, with or without shadow rows; see the module doc."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_prior, var_prior, config):
+        (real_rows, groups, gain, eps, guard_threshold, prior_valid, shadow_prior,
+         shadow_rows, normalized, generator, need_graph, detach_prior) = config
+        from . import functional as KF  # functional imports this module lazily
+
+        sdt = _stat_dtype(x.dtype)
+        x = _dense(x)
+        y = torch.empty_like(x)
+        xr, yr = _rows(x[:real_rows], groups), _rows(y[:real_rows], groups)  # [S, m, C, L]
+        mean_obs, var_obs = _moments_into(xr, yr)
+        count = xr.shape[1] * xr.shape[3]
+
+        valid = prior_valid
+        if shadow_prior:
+            xs, ys = _rows(x[real_rows:], groups), _rows(y[real_rows:], groups)  # [S, K, C, L]
+            mean_prior, var_prior = _moments_into(xs, ys)
+            # A non-finite shadow row (half-precision overflow) rejects the prior; its moments
+            # are swapped for zeros so that no inf/nan enters the arithmetic or the gradient.
+            finite = torch.isfinite(mean_prior).all() & torch.isfinite(var_prior).all()
+            valid = finite if valid is None else valid & finite
+            available = (var_prior != 0).any()
+            mean_prior = torch.where(finite, mean_prior, torch.zeros_like(mean_prior))
+            var_prior = torch.where(finite, var_prior, torch.zeros_like(var_prior))
+        has_prior = mean_prior is not None
+        if has_prior and not shadow_prior:
+            available = (var_prior != 0).any()
+        elif not has_prior:
+            available = torch.zeros((), dtype=torch.bool, device=x.device)
+
+        def leaf(t: Optional[Tensor], grad: bool = True) -> Optional[Tensor]:
+            if t is None:
+                return None
+            return t.detach().to(sdt).requires_grad_(need_graph and grad)
+
+        leaves = [leaf(mean_obs), leaf(var_obs), leaf(mean_prior, not detach_prior),
+                  leaf(var_prior, not detach_prior), leaf(weight), leaf(bias)]
+        mo, vo, mp, vp, w, b = leaves
+        with torch.enable_grad():
+            if has_prior:
+                mean, var, used = KF.kalman_update(mo, vo, mp, vp, gain, guard_threshold, valid)
+            else:
+                mean, var = mo, vo
+                used = torch.zeros((), dtype=torch.bool, device=x.device)
+            scale = torch.rsqrt(var + eps)
+            if w is not None:
+                scale = scale * w
+            shift = -mean * scale
+            if b is not None:
+                shift = shift + b
+            zmean = zstd = noise = None
+            if shadow_rows:
+                zmean, zstd = mean, var.clamp_min(_TINY).sqrt()
+                if normalized:
+                    zmean, zstd = mean * scale + shift, zstd * scale
+
+        with torch.no_grad():
+            torch.addcmul(shift[:, None, :, None], xr, scale[:, None, :, None], out=yr)
+            if shadow_rows:
+                spatial = tuple(x.shape[2:])
+                noise = torch.randn(
+                    (groups, shadow_rows, x.shape[1]) + spatial,
+                    generator=generator, device=x.device, dtype=sdt,
+                ).view((groups * shadow_rows, x.shape[1]) + spatial)  # as sample_rows draws it
+                ys = _rows(y[real_rows:], groups)
+                torch.addcmul(zmean[:, None, :, None], _rows(noise, groups),
+                              zstd[:, None, :, None], out=ys)
+
+        ctx.config = (real_rows, groups, count, shadow_prior, shadow_rows, has_prior)
+        ctx.graph = (leaves, scale, shift, zmean, zstd, mean, var, valid)
+        ctx.param_dtypes = tuple(None if t is None else t.dtype
+                                 for t in (weight, bias, mean_prior, var_prior))
+        ctx.save_for_backward(x, noise)
+        ctx.mark_non_differentiable(used, available)
+        ctx.set_materialize_grads(False)
+        return y, mean.detach(), var.detach(), used, available
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_mean, grad_var, _grad_used, _grad_available):
+        real_rows, groups, count, shadow_prior, shadow_rows, has_prior = ctx.config
+        leaves, scale, shift, zmean, zstd, mean, var, valid = ctx.graph
+        mo = leaves[0]
+        x, noise = ctx.saved_tensors
+        sdt = mo.dtype
+        dx = torch.empty_like(x)
+        xr, dxr = _rows(x[:real_rows], groups), _rows(dx[:real_rows], groups)
+
+        outputs, grads = [], []
+        if grad_y is not None:
+            grad_y = grad_y.contiguous(memory_format=_format_of(x))
+            gr = _rows(grad_y[:real_rows], groups)
+            total, dot = _reduce_grad(gr, xr, mo.detach(), dxr)  # dxr is scratch here
+            outputs += [scale, shift]
+            grads += [dot + mo.detach() * total, total]  # d/dscale = sum(g * x)
+            if shadow_rows:
+                gs = _rows(grad_y[real_rows:], groups)
+                noise_rows = _rows(noise, groups)
+                if gs.is_contiguous():
+                    zero = torch.zeros((), dtype=sdt, device=x.device).expand(zstd.shape)
+                    total_s, dot_s = _bn_reduce(gs, noise_rows, zero)
+                    total_s, dot_s = total_s.sum(dim=1), dot_s.sum(dim=1)
+                else:
+                    total_s, dot_s = _sum_rows(gs), _sum_rows(gs.to(sdt) * noise_rows)
+                outputs += [zmean, zstd]
+                grads += [total_s, dot_s]
+        if grad_mean is not None:
+            outputs.append(mean)
+            grads.append(grad_mean.to(sdt))
+        if grad_var is not None:
+            outputs.append(var)
+            grads.append(grad_var.to(sdt))
+
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        found = {}
+        if outputs and wanted:
+            pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+            if pairs:
+                result = torch.autograd.grad(
+                    [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                    retain_graph=True,  # backward may run again (retain_graph, gradcheck)
+                )
+                found = {id(t): r for t, r in zip(wanted, result)}
+
+        def grad_of(t: Optional[Tensor]) -> Optional[Tensor]:
+            if t is None:
+                return None
+            r = found.get(id(t))
+            return torch.zeros_like(t) if r is None else r
+
+        g_mo, g_vo, g_mp, g_vp, g_w, g_b = (grad_of(t) for t in leaves)
+
+        # dx = g * scale + d(mean_obs)/dx + d(var_obs)/dx, per group (s, c):
+        #    = g * a + x * b + c with a = scale, b = 2 g_vo / n, c = g_mo / n - b * mean_obs.
+        coef_x = 2.0 * g_vo / count
+        const = g_mo / count - coef_x * mo.detach()
+        torch.addcmul(const[:, None, :, None], xr, coef_x[:, None, :, None], out=dxr)
+        if grad_y is not None:
+            dxr.addcmul_(gr, scale.detach()[:, None, :, None])
+
+        if shadow_rows:
+            xs, dxs = _rows(x[real_rows:], groups), _rows(dx[real_rows:], groups)
+            if shadow_prior and leaves[2].requires_grad:
+                count_s = xs.shape[1] * xs.shape[3]
+                coef_s = 2.0 * g_vp / count_s
+                const_s = g_mp / count_s - coef_s * leaves[2].detach()
+                torch.addcmul(const_s[:, None, :, None], xs, coef_s[:, None, :, None], out=dxs)
+                # A non-finite row rejected the prior: its zero gradient must not become inf * 0.
+                if x.device.type != "cpu":
+                    dxs.masked_fill_(~valid, 0.0)
+                elif not bool(valid):  # reading a CPU flag costs no device synchronisation
+                    dxs.zero_()
+            else:
+                dxs.zero_()
+
+        w_dtype, b_dtype, mp_dtype, vp_dtype = ctx.param_dtypes
+        grad_w = None if g_w is None else g_w.to(w_dtype)
+        grad_b = None if g_b is None else g_b.to(b_dtype)
+        grad_mp = grad_vp = None
+        if has_prior and not shadow_prior:
+            grad_mp, grad_vp = g_mp.to(mp_dtype), g_vp.to(vp_dtype)
+        return dx, grad_w, grad_b, grad_mp, grad_vp, None
+
+
+def kalman_norm_fused(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    *,
+    real_rows: int,
+    groups: int,
+    gain: float,
+    eps: float,
+    guard_threshold: float,
+    prior: Optional[Tuple[Tensor, Tensor]] = None,
+    prior_valid: Optional[Tensor] = None,
+    shadow_prior: bool = False,
+    shadow_rows: int = 0,
+    normalized: bool = False,
+    generator: Optional[torch.Generator] = None,
+    detach_prior: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One BKN training step, fused; the arguments of ``batch_kalman_norm`` plus the shadow rows.
+
+    Args:
+        x: ``[real_rows + S * shadow_rows, C, *spatial]``; the first ``real_rows`` rows are the
+            batch (``S = groups`` contiguous groups), the rest ``shadow_rows`` rows per group.
+        prior: ``(mean_prior, var_prior)`` ``[S, C]`` supplied by the caller, or ``None``.
+        shadow_prior: take the prior from the moments of the incoming shadow rows instead.
+        shadow_rows: ``K``; the output's shadow rows are ``K`` fresh samples per group of the
+            combined statistics (``normalized``: after this layer's normalization and affine).
+        detach_prior: no gradient through the prior (a supplied one or the shadow rows').
+
+    Returns:
+        ``(y, mean, var, used, available)``: as :func:`kalmannorm.functional.batch_kalman_norm`
+        with ``y`` including the shadow rows, and whether a prior was available (its variance
+        not zero everywhere), for the layer's guard counters.
+    """
+    mean_prior, var_prior = prior if prior is not None else (None, None)
+    inputs = [x, weight, bias, mean_prior, var_prior]
+    need_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in inputs
+    )
+    config = (real_rows, groups, float(gain), float(eps), float(guard_threshold), prior_valid,
+              shadow_prior, shadow_rows, normalized, generator, need_graph, detach_prior)
+    return _KalmanNormFunction.apply(x, weight, bias, mean_prior, var_prior, config)

@@ -1,0 +1,178 @@
+"""The fused eager kernel (kalmannorm._fused) equals the composite definitions it replaces."""
+
+import pytest
+import torch
+from torch import nn
+
+import kalmannorm as kn
+from kalmannorm import _fused
+from kalmannorm import functional as KF
+
+
+def _functional_step(fused, dtype=torch.float64, prior=True, affine=True,
+                     channels_last=False, detach_prior=False, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(8, 3, 5, 4, dtype=dtype) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = (torch.rand(3, dtype=dtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(3, dtype=dtype).requires_grad_() if affine else None
+    pr = None
+    if prior:
+        pr = (torch.randn(4, 3, dtype=dtype).requires_grad_(),
+              (torch.rand(4, 3, dtype=dtype) + 0.5).requires_grad_())
+    y, mean, var, used = KF.batch_kalman_norm(x, pr, w, b, groups=4, gain=0.7, fused=fused,
+                                              detach_prior=detach_prior)
+    g = torch.randn(y.shape, dtype=dtype)
+    loss = (y * g).sum() + (mean * torch.arange(12.0, dtype=dtype).view(4, 3)).sum() \
+        + var.square().sum()
+    inputs = [t for t in [x, w, b] + (list(pr) if pr else []) if t is not None]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [y, mean, var, used] + list(grads)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"prior": False}, {"affine": False}, {"channels_last": True}, {"detach_prior": True},
+    {"dtype": torch.float32},
+])
+def test_fused_functional_matches_composite(options):
+    fused = _functional_step(True, **options)
+    composite = _functional_step(False, **options)
+    tol = {} if options.get("dtype") == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    for a, b in zip(fused, composite):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_statistics_are_bit_identical_to_group_moments():
+    x = torch.randn(16, 5, 7, 7) * 3 + 2
+    _, mean, var, _ = KF.batch_kalman_norm(x, None, None, None, groups=8, fused=True)
+    mean_ref, var_ref = KF.group_moments(x, 8)
+    assert torch.equal(mean, mean_ref) and torch.equal(var, var_ref)
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_gradcheck_fused_float64(prior):
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    mp = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    vp = (torch.rand(2, 2, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def f(x, w, b, mp, vp):
+        y, mean, var, _ = KF.batch_kalman_norm(x, (mp, vp) if prior else None, w, b, groups=2,
+                                               gain=0.6, fused=True)
+        return y, mean, var
+
+    assert torch.autograd.gradcheck(f, (x, w, b, mp, vp))
+
+
+@pytest.mark.parametrize("propagate", ["raw", "normalized"])
+def test_gradcheck_fused_shadow_step_float64(propagate):
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)  # 4 real + 2 shadow
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        gen = torch.Generator().manual_seed(1)  # the same samples at every evaluation
+        y, mean, var, _, _ = _fused.kalman_norm_fused(
+            x, w, b, real_rows=4, groups=2, gain=0.6, eps=1e-5, guard_threshold=100.0,
+            shadow_prior=True, shadow_rows=1, normalized=propagate == "normalized",
+            generator=gen,
+        )
+        return y, mean, var
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+        )
+
+    def forward(self, x):
+        h = self.body(x)
+        return h.mean((2, 3))
+
+
+def _model_step(fused, monkeypatch, propagate="raw", channels_last=False, detach_prior=False):
+    torch.manual_seed(0)
+    net = _Net()
+    model = kn.convert_batchnorm(net, gain=0.9, micro_batch=2, propagate=propagate,
+                                 detach_prior=detach_prior)
+    x = torch.randn(8, 3, 8, 8)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(_fused, "fused_available", lambda x: False)
+        torch.manual_seed(5)
+        out = model(x)
+        out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    return out, grads, buffers, kn.guard_counts(model)
+
+
+@pytest.mark.parametrize("options", [{}, {"propagate": "normalized"}, {"channels_last": True},
+                                     {"detach_prior": True}])
+def test_fused_shadow_rows_match_composite_in_a_model(monkeypatch, options):
+    out_f, grads_f, buffers_f, counts_f = _model_step(True, monkeypatch, **options)
+    out_c, grads_c, buffers_c, counts_c = _model_step(False, monkeypatch, **options)
+    torch.testing.assert_close(out_f, out_c, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_f + buffers_f, grads_c + buffers_c):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert counts_f == counts_c and counts_f["priors"] == 2
+
+
+def test_fused_shadow_rows_reject_non_finite_rows_with_finite_gradients():
+    layer = kn.BatchKalmanNorm2d(3, micro_batch=2)
+    model = kn.KalmanPredictor(nn.Sequential(kn.BatchKalmanNorm2d(3, micro_batch=2), layer))
+    x = torch.randn(4, 3, 4, 4, requires_grad=True)
+    # The second layer's shadow rows overflow: its prior must be rejected, not propagated.
+    model.module[0].register_forward_hook(
+        lambda m, a, out: out.index_fill(0, torch.tensor([4]), float("inf")))
+    y = model(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    counts = kn.guard_counts(model)
+    assert counts == {"fallbacks": 1, "priors": 1}
+
+
+def test_fused_bfloat16_statistics_stay_float32():
+    x = (torch.randn(8, 4, 6, 6) * 3 + 1).to(torch.bfloat16)
+    _, mean, var, _ = KF.batch_kalman_norm(x, None, None, None, groups=4, fused=True)
+    mean_ref, var_ref = KF.group_moments(x, 4)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(var, var_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_is_not_used_under_compile():
+    assert _fused.fused_available(torch.randn(2, 3))
+    seen = []
+
+    def f(x):
+        seen.append(_fused.fused_available(x))
+        return x + 1
+
+    torch.compile(f, backend="eager")(torch.randn(2, 3))
+    assert seen == [False]
+
+
+def test_double_backward_with_the_composite_form():
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = KF.batch_kalman_norm(x, None, None, None, groups=2, fused=False)[0]
+    (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    g.sum().backward()
+    assert x.grad is not None
