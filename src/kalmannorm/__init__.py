@@ -8,6 +8,7 @@ Micro-Batches" (arXiv 1802.03133; NeurIPS 2018 as "Kalman Normalization").
 >>> deploy = kn.to_batchnorm(model)                                # doctest: +SKIP
 """
 from . import functional
+from .analytic import AnalyticKalmanPredictor
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .convert import convert_batchnorm, to_batchnorm
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
@@ -21,6 +22,7 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GroupNorm", "InstanceNorm", "LayerNorm",
     "KalmanPredictor", "ShadowBatch",
+    "AnalyticKalmanPredictor",
     "convert_batchnorm", "to_batchnorm",
     "get_norm_layer", "norm_names", "register_norm",
     "guard_counts", "has_kalman_layers",

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, _BatchKalmanNorm
+from .analytic import AnalyticKalmanPredictor, check_analytic
 from .prediction import KalmanPredictor
 
 __all__ = ["convert_batchnorm", "to_batchnorm"]
@@ -69,6 +70,7 @@ def convert_batchnorm(
     running_stats: str = "all",
     rows_per_group: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    prediction: str = "sampled",
 ) -> KalmanPredictor:
     """Replace every BatchNorm of ``module`` with Batch Kalman Normalization, in place.
 
@@ -83,9 +85,13 @@ def convert_batchnorm(
         gain, micro_batch, guard_threshold, detach_prior, propagate, running_stats: options of
             every new layer, see :class:`BatchKalmanNorm2d`.
         rows_per_group, generator: options of the :class:`KalmanPredictor`.
+        prediction: ``"sampled"`` (shadow rows, :class:`KalmanPredictor`) or ``"analytic"``
+            (moments in closed form, :class:`~kalmannorm.analytic.AnalyticKalmanPredictor`;
+            a model it cannot follow is refused before any layer is replaced). Default:
+            ``"sampled"``.
 
     Returns:
-        The :class:`KalmanPredictor` around the converted model.
+        The :class:`KalmanPredictor` (or its analytic subclass) around the converted model.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     >>> type(convert_batchnorm(net, gain=0.9, micro_batch=2).module[1]).__name__
@@ -93,6 +99,12 @@ def convert_batchnorm(
     """
     if isinstance(module, KalmanPredictor):
         raise TypeError("the module is already a KalmanPredictor; convert its .module instead")
+    if prediction not in ("sampled", "analytic"):
+        raise ValueError(f"prediction must be 'sampled' or 'analytic' (got {prediction!r})")
+    if prediction == "analytic":
+        if rows_per_group is not None or generator is not None:
+            raise ValueError("rows_per_group and generator apply to prediction='sampled' only")
+        check_analytic(module)
     options = dict(
         gain=gain, micro_batch=micro_batch, guard_threshold=guard_threshold,
         detach_prior=detach_prior, propagate=propagate, running_stats=running_stats,
@@ -119,6 +131,8 @@ def convert_batchnorm(
             f"found no BatchNorm layer to convert in {type(module).__name__}; "
             "build the model with a BatchNorm norm_layer or use BatchKalmanNorm layers directly"
         )
+    if prediction == "analytic":
+        return AnalyticKalmanPredictor(converted)
     return KalmanPredictor(converted, rows_per_group=rows_per_group, generator=generator)
 
 
