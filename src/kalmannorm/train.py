@@ -281,6 +281,8 @@ class TrainConfig:
         """``norm_layer(num_channels)`` from ``norm``, ``micro_batch``, ``gain``, ``norm_options``."""
         from . import get_norm_layer
 
+        if self.gain is not None and self.norm.lower().startswith("ghost_batchnorm"):
+            raise ValueError("ghost_batchnorm is BKN with gain 0 and takes no gain; use norm='bkn' to set one")
         kw = dict(self.norm_options)
         if self.micro_batch is not None:
             kw["micro_batch"] = self.micro_batch
@@ -427,6 +429,8 @@ def _setup_device(config: TrainConfig) -> Tuple[torch.device, int, int, bool]:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         world, rank = 1, 0
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device, rank, world, initialized
