@@ -92,6 +92,32 @@ def _bn_reduce(grad: Tensor, inp: Tensor, center: Tensor) -> Tuple[Tensor, Tenso
     return total.view(groups, m, channels), dot.view(groups, m, channels)
 
 
+def _affine_into(v: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+    """``out = v * scale[s, c] + shift[s, c]`` for ``[S, m, C, L]`` views, in ``out``'s dtype.
+
+    Contiguous views go through the native evaluation-mode BatchNorm kernel on an
+    ``[1, S * m * C, L]`` view (weight ``scale``, bias ``shift``, zero mean, unit variance, no
+    eps: ``x * w + b`` exactly), which vectorizes over ``L``; a broadcast ``addcmul`` with two
+    per-channel operands does not on CPU and costs twice as much.
+    """
+    groups, m, channels, length = v.shape
+    if v.is_contiguous() and out.is_contiguous():
+        rows = groups * m * channels
+        sdt = scale.dtype
+        weight = scale[:, None, :].expand(groups, m, channels).reshape(rows)
+        bias = shift[:, None, :].expand(groups, m, channels).reshape(rows)
+        zeros = torch.zeros(rows, dtype=sdt, device=v.device)
+        ones = torch.ones(rows, dtype=sdt, device=v.device)
+        empty = torch.empty(0, dtype=sdt, device=v.device)
+        torch.ops.aten.native_batch_norm.out(
+            v.view(1, rows, length), weight, bias, zeros, ones, False, 0.0, 0.0,
+            out=out.view(1, rows, length), save_mean=empty, save_invstd=empty.clone(),
+        )
+    else:
+        torch.mul(v, scale[:, None, :, None], out=out)
+        out.add_(shift[:, None, :, None])
+
+
 def _sum_rows(v: Tensor) -> Tensor:
     """Sum of a ``[S, m, C, L]`` view over rows and positions, ``[S, C]`` in the stat dtype."""
     sdt = _stat_dtype(v.dtype)
@@ -193,7 +219,7 @@ class _KalmanNormFunction(torch.autograd.Function):
                     zmean, zstd = mean * scale + shift, zstd * scale
 
         with torch.no_grad():
-            torch.addcmul(shift[:, None, :, None], xr, scale[:, None, :, None], out=yr)
+            _affine_into(xr, scale, shift, yr)
             if shadow_rows:
                 spatial = tuple(x.shape[2:])
                 noise = torch.randn(
@@ -201,8 +227,7 @@ class _KalmanNormFunction(torch.autograd.Function):
                     generator=generator, device=x.device, dtype=sdt,
                 ).view((groups * shadow_rows, x.shape[1]) + spatial)  # as sample_rows draws it
                 ys = _rows(y[real_rows:], groups)
-                torch.addcmul(zmean[:, None, :, None], _rows(noise, groups),
-                              zstd[:, None, :, None], out=ys)
+                _affine_into(_rows(noise, groups), zstd, zmean, ys)
 
         ctx.config = (real_rows, groups, count, shadow_prior, shadow_rows, has_prior)
         ctx.graph = (leaves, scale, shift, zmean, zstd, mean, var, valid)
@@ -272,9 +297,10 @@ class _KalmanNormFunction(torch.autograd.Function):
         #    = g * a + x * b + c with a = scale, b = 2 g_vo / n, c = g_mo / n - b * mean_obs.
         coef_x = 2.0 * g_vo / count
         const = g_mo / count - coef_x * mo.detach()
-        torch.addcmul(const[:, None, :, None], xr, coef_x[:, None, :, None], out=dxr)
+        _affine_into(xr, coef_x, const, dxr)
         if grad_y is not None:
-            dxr.addcmul_(gr, scale.detach()[:, None, :, None])
+            # the per-channel operand first: CPU addcmul_ vectorizes a broadcast tensor1 only
+            dxr.addcmul_(scale.detach()[:, None, :, None], gr)
 
         if shadow_rows:
             xs, dxs = _rows(x[real_rows:], groups), _rows(dx[real_rows:], groups)
@@ -282,7 +308,7 @@ class _KalmanNormFunction(torch.autograd.Function):
                 count_s = xs.shape[1] * xs.shape[3]
                 coef_s = 2.0 * g_vp / count_s
                 const_s = g_mp / count_s - coef_s * leaves[2].detach()
-                torch.addcmul(const_s[:, None, :, None], xs, coef_s[:, None, :, None], out=dxs)
+                _affine_into(xs, coef_s, const_s, dxs)
                 # A non-finite row rejected the prior: its zero gradient must not become inf * 0.
                 if x.device.type != "cpu":
                     dxs.masked_fill_(~valid, 0.0)

@@ -612,7 +612,9 @@ def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, A
         torch.set_num_threads(config.threads)
     budget = _Budget(config.budget_s)
     started = time.perf_counter()
-    commit, dirty = _git(os.path.dirname(os.path.abspath(__file__)))
+    import kalmannorm
+
+    commit, dirty = _git(os.path.dirname(os.path.abspath(kalmannorm.__file__)))
     record: Dict[str, Any] = dict(
         schema=SCHEMA, label=config.label, config=dataclasses.asdict(config),
         git_commit=commit, git_dirty=dirty, versions=_versions(), machine=_machine(device),
