@@ -574,7 +574,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
     try:
         recipe = config.resolved_recipe()
         data = _load_data(config, rank, world)
-        data = data.subset(config.limit_train, config.limit_test, seed=config.seed).to(device)
+        # The subset is fixed (seed 0) so that runs with different seeds see the same examples.
+        data = data.subset(config.limit_train, config.limit_test, seed=0).to(device)
         model, net = _build(config, data, device)
         steps = data.train_x.shape[0] // world // config.batch_size
         optimizer = torch.optim.SGD(weight_decay_groups(model, recipe.weight_decay), lr=0.0,
