@@ -496,3 +496,17 @@ def test_wrapper_rules_match_kalman_predictor():
     assert clone(torch.randn(4, 3, 8, 8)).shape == (4, 6)
     double = model.double()
     assert double(torch.randn(4, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_non_finite_prior_is_rejected_without_nan_gradients():
+    from kalmannorm.analytic import _kalman_step, _PassState
+
+    layer, state = BatchKalmanNorm2d(3, micro_batch=2), _PassState()
+    state.groups = 2
+    mean = torch.tensor([[0.0, float("nan"), 1.0], [1.0, float("inf"), 3.0]], requires_grad=True)
+    var = torch.ones(2, 3, requires_grad=True)
+    y, _ = _kalman_step(layer, state, torch.randn(4, 3, 4, 4), (mean * 1, var * 1))
+    y.square().sum().backward()
+    assert torch.isfinite(y).all()
+    assert layer.guard_counts.tolist() == [1, 1]  # rejected
+    assert torch.equal(mean.grad, torch.zeros(2, 3)) and torch.equal(var.grad, torch.zeros(2, 3))

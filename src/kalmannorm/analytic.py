@@ -256,9 +256,8 @@ def _kalman_step(
         # As prior_from_rows: non-finite moments (an overflow) are zeroed so that neither pass
         # meets them, and the flag rejects the prior.
         mean, var = prior
-        finite_mean, finite_var = torch.isfinite(mean), torch.isfinite(var)
-        valid = finite_mean.all() & finite_var.all()
-        prior = (torch.where(finite_mean, mean, 0.0), torch.where(finite_var, var, 0.0))
+        valid = torch.isfinite(mean.sum() + var.sum())
+        prior = (torch.nan_to_num(mean, 0.0, 0.0, 0.0), torch.nan_to_num(var, 0.0, 0.0, 0.0))
     y, mean, var = layer.forward_with_prior(x, prior, state.groups, valid)
     if layer.propagate == "normalized":
         return y, normalized_moments(mean, var, layer.weight, layer.bias, layer.eps)
