@@ -101,7 +101,9 @@ def _affine_into(v: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     per-channel operands does not on CPU and costs twice as much.
     """
     groups, m, channels, length = v.shape
-    if v.is_contiguous() and out.is_contiguous():
+    if v.dtype != out.dtype:  # float32 samples into a half-precision output: one rounding
+        torch.addcmul(shift[:, None, :, None], v, scale[:, None, :, None], out=out)
+    elif v.is_contiguous() and out.is_contiguous():
         rows = groups * m * channels
         sdt = scale.dtype
         weight = scale[:, None, :].expand(groups, m, channels).reshape(rows)
@@ -259,7 +261,7 @@ class _KalmanNormFunction(torch.autograd.Function):
             if shadow_rows:
                 gs = _rows(grad_y[real_rows:], groups)
                 noise_rows = _rows(noise, groups)
-                if gs.is_contiguous():
+                if gs.is_contiguous() and gs.dtype == noise_rows.dtype:
                     zero = torch.zeros((), dtype=sdt, device=x.device).expand(zstd.shape)
                     total_s, dot_s = _bn_reduce(gs, noise_rows, zero)
                     total_s, dot_s = total_s.sum(dim=1), dot_s.sum(dim=1)

@@ -557,6 +557,62 @@ def _compile_suite(config: BenchConfig, device: torch.device, budget: _Budget) -
     return results
 
 
+# ------------------------------------------------------------------------------ self-check
+def verify_fused(device: torch.device) -> Dict[str, Any]:
+    """Fused kernel against the composite form on ``device``: largest relative differences.
+
+    A converted two-layer conv net (shadow rows, prior, samples) and the functional step with a
+    supplied prior, float32 and bfloat16 autocast, output and every gradient. Returns
+    ``{"ok": bool, "max_rel_diff": {case: float}, "error": str | None}``.
+    """
+    import kalmannorm as kn
+
+    diffs: Dict[str, float] = {}
+
+    def rel(a: Tensor, b: Tensor) -> float:
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+    def net_step(dtype: str, composite: bool) -> List[Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                            nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                            nn.BatchNorm2d(8))
+        model = kn.convert_batchnorm(net, micro_batch=2).to(device)
+        x = torch.randn(8, 3, 8, 8, device=device)
+        torch.manual_seed(1)
+        with _autocast(device, dtype), (_composite_kernels() if composite
+                                        else contextlib.nullcontext()):
+            out = model(x)
+        out.float().square().sum().backward()
+        return [out.float()] + [p.grad for p in model.parameters()]
+
+    def functional_step(composite: bool) -> List[Tensor]:
+        torch.manual_seed(0)
+        x = (torch.randn(8, 4, 5, 5, device=device) * 2 + 1).requires_grad_()
+        w = (torch.rand(4, device=device) + 0.5).requires_grad_()
+        b = torch.randn(4, device=device, requires_grad=True)
+        mp = torch.randn(4, 4, device=device, requires_grad=True)
+        vp = (torch.rand(4, 4, device=device) + 0.5).requires_grad_()
+        y, mean, var, _ = kn.functional.batch_kalman_norm(x, (mp, vp), w, b, groups=4, gain=0.7,
+                                                          fused=not composite)
+        loss = (y * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum() \
+            + mean.sum() + var.square().sum()
+        return [y] + list(torch.autograd.grad(loss, (x, w, b, mp, vp)))
+
+    try:
+        for case, fn in (("functional", functional_step),
+                         ("model_float32", functools.partial(net_step, "float32")),
+                         ("model_bfloat16", functools.partial(net_step, "bfloat16"))):
+            fused, composite = fn(composite=False), fn(composite=True)
+            diffs[case] = max(rel(a, b) for a, b in zip(fused, composite))
+    except Exception as exc:  # reported in the record; the run goes on with the composite form
+        return dict(ok=False, max_rel_diff=diffs, error=f"{type(exc).__name__}: {exc}")
+    limits = dict(functional=1e-4, model_float32=1e-3, model_bfloat16=5e-2)
+    return dict(ok=all(diffs[k] <= limits[k] for k in diffs), max_rel_diff=diffs,
+                limits=limits, error=None)
+
+
 # ------------------------------------------------------------------------------ the record
 def _git(path: str) -> Tuple[Optional[str], Optional[bool]]:
     try:
@@ -620,13 +676,19 @@ def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, A
         git_commit=commit, git_dirty=dirty, versions=_versions(), machine=_machine(device),
         device=device.type, started_at=_now(), results=[],
     )
+    record["verify"] = verify_fused(device)
+    log.info("fused kernel vs composite on %s: %s", device, record["verify"])
+    # Should the fused kernel fail on this device, the numbers are still worth having: they are
+    # then those of the composite form, and the record says so.
+    kernels = contextlib.nullcontext() if record["verify"]["ok"] else _composite_kernels()
     suites = {"layer": _layer_suite, "model": _model_suite, "compile": _compile_suite}
-    for name in ("layer", "model", "compile"):
-        if name in config.suites:
-            record["results"] += suites[name](config, device, budget)
-            record["wall_s"] = time.perf_counter() - started
-            if out_dir:
-                _write_record(record, out_dir)
+    with kernels:
+        for name in ("layer", "model", "compile"):
+            if name in config.suites:
+                record["results"] += suites[name](config, device, budget)
+                record["wall_s"] = time.perf_counter() - started
+                if out_dir:
+                    _write_record(record, out_dir)
     record["wall_s"] = time.perf_counter() - started
     record["finished_at"] = _now()
     if out_dir:
@@ -698,7 +760,19 @@ def _record_header(record: Dict[str, Any]) -> List[str]:
         f"{cfg['warmup']} warm-up (models: {cfg['model_repeats']} rounds), "
         f"{record.get('wall_s', 0):.0f} s in all, started {record['started_at']}.",
         "",
-    ]
+    ] + _verify_line(record)
+
+
+def _verify_line(record: Dict[str, Any]) -> List[str]:
+    check = record.get("verify")
+    if not check:
+        return []
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in check.get("max_rel_diff", {}).items())
+    if check.get("ok"):
+        return [f"Fused kernel checked against the composite form on this device (largest "
+                f"relative differences: {diffs}).", ""]
+    return [f"**The fused kernel failed its check on this device ({check.get('error') or diffs});"
+            f" every BKN number below is the composite form's.**", ""]
 
 
 def _layer_tables(record: Dict[str, Any]) -> List[str]:
