@@ -102,8 +102,8 @@ def resolve(config: BenchConfig) -> BenchConfig:
     cuda = config.device.startswith("cuda")
     quick = config.quick
     defaults: Dict[str, Any] = dict(
-        repeats=5 if quick else (20 if cuda else 9),
-        warmup=2 if quick else 3,
+        repeats=5 if quick else (10 if cuda else 7),
+        warmup=2,
         inner=10 if cuda else 1,
         threads=None if cuda else 1,
         dtypes=("float32",) if quick else ("float32", "bfloat16"),
@@ -115,11 +115,11 @@ def resolve(config: BenchConfig) -> BenchConfig:
             else (("preact_resnet20", 128, 32), ("resnet50", 16, 64))
         ),
         model_micro_batches=(2,) if quick else (2, 4, 8),
-        model_repeats=3 if quick else (10 if cuda else 5),
+        model_repeats=3 if quick else (6 if cuda else 5),
         compile_models=() if quick else (
             (("preact_resnet20", 128, 32),) if cuda else (("preact_resnet20", 32, 32),)
         ),
-        compile_layer=not quick,
+        compile_layer=not quick and not cuda,  # each compiled layer costs ~15 s on a GPU
         budget_s=(170.0 if cuda else None),
     )
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -740,7 +740,11 @@ def _fmt_ratio(entry: Dict[str, Any], key: str = "ratio") -> str:
 
 
 def _target_mark(value: float, limit: float) -> str:
-    return "ok" if value <= limit else f"**missed by {100 * (value / limit - 1):.0f}%**"
+    if value <= limit:
+        return "ok"
+    if limit == 0:
+        return f"**missed ({value})**"
+    return f"**missed by {100 * (value / limit - 1):.0f}%**"
 
 
 def _micro(name: str) -> Optional[int]:
@@ -865,6 +869,49 @@ def _compile_tables(record: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _targets_table(record: Dict[str, Any]) -> List[str]:
+    """One line per target of the issue: the measured worst case over the configurations."""
+    rows: List[Tuple[str, str, str, str]] = []
+    for r in record["results"]:
+        if "methods" not in r:
+            continue
+        where = (f"{r['dtype']}, {r['memory_format']}, {r.get('mode', 'eager')}")
+        if r["suite"] == "layer":
+            shape = "x".join(map(str, r["shape"]))
+            largest = r["shape"] == list(LAYER_SHAPES[-1])
+            for name, e in r["methods"].items():
+                m = _micro(name)
+                if name.startswith("bkn@"):
+                    rows.append((f"layer fwd+bwd [{shape}] m={m}", "<= 1.30x BN",
+                                 f"{e['ratio']:.2f}x ({where})", _target_mark(e["ratio"], 1.3)))
+                    if largest:
+                        rows.append((f"layer vs copy [{shape}] m={m}", "<= 2.00x copy",
+                                     f"{e['vs_copy']:.2f}x ({where})",
+                                     _target_mark(e["vs_copy"], 2.0)))
+        elif r["suite"] == "model":
+            for name, e in r["methods"].items():
+                m = _micro(name)
+                if name.startswith("bkn") and m:
+                    limit = (1 + 1 / m) * 1.05
+                    rows.append((f"{r['arch']} step, {name}", f"<= {limit:.2f}x BN",
+                                 f"{e['ratio']:.2f}x ({where})", _target_mark(e["ratio"], limit)))
+                    mem = e.get("peak_ratio", e["saved_ratio"])
+                    kind = "peak" if "peak_ratio" in e else "saved"
+                    limit = (1 + 1 / m) * 1.1
+                    rows.append((f"{r['arch']} memory ({kind}), {name}", f"<= {limit:.2f}x BN",
+                                 f"{mem:.2f}x ({where})", _target_mark(mem, limit)))
+    for r in record["results"]:
+        if r["suite"] == "compile" and r.get("kind") == "explain":
+            rows.append(("graph breaks, converted " + r["arch"], "0", str(r["graph_breaks"]),
+                         _target_mark(r["graph_breaks"], 0)))
+    if not rows:
+        return []
+    lines = ["Targets of the issue, one row per measured configuration:", "",
+             "| target | limit | measured | |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return lines + [""]
+
+
 def render_tables(records: Sequence[Dict[str, Any]]) -> str:
     """Markdown tables of the newest full (else quick) record per device kind, CPU then GPU."""
     lines: List[str] = []
@@ -875,9 +922,47 @@ def render_tables(records: Sequence[Dict[str, Any]]) -> str:
             continue
         full = [r for r in mine if not r["config"]["quick"]]
         record = (full or mine)[-1]
-        lines += [f"### {title}", ""] + _record_header(record)
+        lines += [f"### {title}", ""] + _record_header(record) + _targets_table(record)
         lines += _layer_tables(record) + _model_tables(record) + _compile_tables(record)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_comparison(records: Sequence[Dict[str, Any]]) -> str:
+    """Layer ratios to BatchNorm of several labelled records side by side (before/after)."""
+    records = [r for r in records if any(x["suite"] == "layer" and "methods" in x
+                                         for x in r["results"])]
+    if not records:
+        return ""
+    lines = ["| shape | method | " + " | ".join(
+        f"{r['label'] or 'unlabelled'} (commit {(r.get('git_commit') or '?')[:7]})"
+        for r in records) + " |", "|---|---|" + "---:|" * len(records)]
+    keys: List[Tuple[str, str]] = []
+    tables: List[Dict[Tuple[str, str], Dict[str, Any]]] = []
+    for r in records:
+        table = {}
+        for x in r["results"]:
+            if x["suite"] != "layer" or "methods" not in x or x["mode"] != "eager" \
+                    or x["dtype"] != "float32" or x["memory_format"] != "contiguous":
+                continue
+            shape = "x".join(map(str, x["shape"]))
+            for name, e in x["methods"].items():
+                if name in ("copy", "batchnorm"):
+                    continue
+                table[(shape, name)] = e
+                if (shape, name) not in keys:
+                    keys.append((shape, name))
+        tables.append(table)
+    for key in keys:
+        cells = []
+        for table in tables:
+            e = table.get(key)
+            cells.append("" if e is None else f"{_fmt_ratio(e)}x")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    header = ["Ratio to BatchNorm in the same round (float32, contiguous, eager, one CPU thread);"
+              " each column is one record of `docs/perf/before-after/`:", ""]
+    for r in records:
+        header += _record_header(r)
+    return "\n".join(header + lines) + "\n"
 
 
 def write_doc(doc_path: str, records_dir: str) -> str:
@@ -887,6 +972,11 @@ def write_doc(doc_path: str, records_dir: str) -> str:
     document without the markers gets them appended. Returns the new text.
     """
     tables = render_tables(load_records(records_dir))
+    comparison_dir = os.path.join(records_dir, "before-after")
+    if os.path.isdir(comparison_dir):
+        comparison = render_comparison(load_records(comparison_dir))
+        if comparison:
+            tables += "\n### Before and after the fused kernel (CPU)\n\n" + comparison
     block = f"{DOC_BEGIN}\n\n{tables}\n{DOC_END}"
     text = ""
     if os.path.exists(doc_path):
