@@ -5,7 +5,8 @@ config, the git commit, package and torch versions, seed, device, per-epoch metr
 guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
 
     schema, label, status ("running" | "incomplete" | "complete"), complete (bool),
-    config {...}, seed, device, world_size,
+    config {TrainConfig fields}, recipe {name, resolved recipe fields}, seed, device, device_name,
+    world_size, global_batch_size, run_dir,
     git_commit (str | null), git_dirty (bool | null), versions {kalmannorm, torch, python, numpy},
     dataset {name, train_size, test_size, num_classes, image_shape, pad, flip},
     model {arch, num_parameters}, epochs_planned, epochs_done, steps_per_epoch,
