@@ -101,8 +101,13 @@ def _affine_into(v: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     per-channel operands does not on CPU and costs twice as much.
     """
     groups, m, channels, length = v.shape
-    if v.dtype != out.dtype:  # float32 samples into a half-precision output: one rounding
+    if v.device.type != "cpu" or v.dtype != out.dtype:
+        # GPUs broadcast both operands in one kernel; on CPU this is only for float32 samples
+        # into a half-precision output (one rounding)
         torch.addcmul(shift[:, None, :, None], v, scale[:, None, :, None], out=out)
+    elif v.numel() < 1 << 16:  # small: fewer ops beat fewer passes
+        torch.mul(v, scale[:, None, :, None], out=out)
+        out.add_(shift[:, None, :, None])
     elif v.is_contiguous() and out.is_contiguous():
         rows = groups * m * channels
         sdt = scale.dtype
@@ -140,13 +145,17 @@ def _moments_into(v: Tensor, scratch: Tensor) -> Tuple[Tensor, Tensor]:
     """
     sdt = _stat_dtype(v.dtype)
     count = v.shape[1] * v.shape[3]
-    mean = v.sum(dim=(1, 3), dtype=sdt) / count  # [S, C]
     if v.dtype == sdt:
+        mean = v.sum(dim=(1, 3)) / count  # [S, C]
         torch.sub(v, mean[:, None, :, None], out=scratch)  # [S, m, C, L]
         return mean, scratch.square_().sum(dim=(1, 3)) / count
-    if v.is_contiguous():
+    if v.is_contiguous():  # two kernel passes, float32 accumulation, no cast of v
+        zero = torch.zeros((), dtype=sdt, device=v.device).expand(v.shape[0], v.shape[2])
+        total, _ = _bn_reduce(v, v, zero)
+        mean = total.sum(dim=1) / count
         _, dot = _bn_reduce(v, v, mean)
         return mean, dot.sum(dim=1) / count
+    mean = v.sum(dim=(1, 3), dtype=sdt) / count
     return mean, (v.to(sdt) - mean[:, None, :, None]).square().sum(dim=(1, 3)) / count
 
 
@@ -230,6 +239,10 @@ class _KalmanNormFunction(torch.autograd.Function):
                 ).view((groups * shadow_rows, x.shape[1]) + spatial)  # as sample_rows draws it
                 ys = _rows(y[real_rows:], groups)
                 _affine_into(_rows(noise, groups), zstd, zmean, ys)
+                if noise.dtype != x.dtype:
+                    # the gradient's sum(g * noise) runs in the gradient's dtype; the samples
+                    # themselves were drawn and applied in float32 (half the memory kept)
+                    noise = noise.to(x.dtype)
 
         ctx.config = (real_rows, groups, count, shadow_prior, shadow_rows, has_prior)
         ctx.graph = (leaves, scale, shift, zmean, zstd, mean, var, valid)
@@ -297,12 +310,17 @@ class _KalmanNormFunction(torch.autograd.Function):
 
         # dx = g * scale + d(mean_obs)/dx + d(var_obs)/dx, per group (s, c):
         #    = g * a + x * b + c with a = scale, b = 2 g_vo / n, c = g_mo / n - b * mean_obs.
-        coef_x = 2.0 * g_vo / count
-        const = g_mo / count - coef_x * mo.detach()
-        _affine_into(xr, coef_x, const, dxr)
+        # b is rounded to x's dtype first and c computed from the rounded b, so that
+        # x * b + c = b (x - mean_obs) + g_mo / n holds without cancellation; the in-place
+        # addcmul_ then runs in x's dtype (a mixed-dtype one casts whole tensors on CPU).
+        coef_x = (2.0 * g_vo / count).to(x.dtype)
+        const = g_mo / count - coef_x.to(sdt) * mo.detach()
         if grad_y is not None:
-            # the per-channel operand first: CPU addcmul_ vectorizes a broadcast tensor1 only
-            dxr.addcmul_(scale.detach()[:, None, :, None], gr)
+            _affine_into(gr, scale.detach(), const, dxr)
+        else:
+            dxr.copy_(const[:, None, :, None].expand(dxr.shape))
+        # the per-channel operand first: CPU addcmul_ vectorizes a broadcast tensor1 only
+        dxr.addcmul_(coef_x[:, None, :, None], xr)
 
         if shadow_rows:
             xs, dxs = _rows(x[real_rows:], groups), _rows(dx[real_rows:], groups)
