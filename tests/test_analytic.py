@@ -380,7 +380,9 @@ def test_eval_is_pass_through_and_equals_to_batchnorm():
 
 def test_converted_resnet_trains():
     torch.manual_seed(0)
-    model = convert_batchnorm(_Net(classes=4), gain=0.9, micro_batch=2, prediction="analytic")
+    # No norm on the logits: per-group normalization of 2 rows of logits makes the loss erratic.
+    net = _Net(norm1d=lambda c: nn.Identity(), classes=4)
+    model = convert_batchnorm(net, gain=0.9, micro_batch=2, prediction="analytic")
     x, labels = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
