@@ -109,35 +109,43 @@ def reference_forward(net, x, groups, gain):
     return net.linear(F.relu(h).mean((2, 3))), stats
 
 
-@pytest.fixture
-def recorded_stats(monkeypatch):
-    stats = []
-    original = kn.functional.batch_kalman_norm
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        stats.append((out[1], out[2]))
-        return out
-
-    monkeypatch.setattr(kn.functional, "batch_kalman_norm", recording)
-    return stats
+@pytest.fixture(params=["fused", "composite"])
+def kernel(request, monkeypatch):
+    """Run a test on the fused eager kernel and on the composite functional form."""
+    if request.param == "composite":
+        monkeypatch.setattr(kn._fused, "fused_available", lambda x: False)
+    return request.param
 
 
-def test_shadow_rows_match_the_hand_threaded_reference(recorded_stats):
+def test_shadow_rows_match_the_hand_threaded_reference(kernel):
     torch.manual_seed(0)
     net = PreActResNet()
     x = torch.randn(8, 3, 16, 16)
-    model = kn.convert_batchnorm(copy.deepcopy(net), gain=0.9, micro_batch=2)
+    converted = copy.deepcopy(net)
+    for m in converted.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0  # running buffers = this step's combined statistics
+    model = kn.convert_batchnorm(converted, gain=0.9, micro_batch=2)
+    layers = [m for m in model.modules() if isinstance(m, kn.BatchKalmanNorm2d)]
+    spatial = {}
+
+    def record_spatial(layer, args):
+        spatial[layer] = args[0].shape[2] * args[0].shape[3]
+
+    for layer in layers:
+        layer.register_forward_pre_hook(record_spatial)
 
     torch.manual_seed(123)
     ref_out, ref_stats = reference_forward(net, x, groups=4, gain=0.9)
     torch.manual_seed(123)
     out = model(x)
 
-    assert len(recorded_stats) == len(ref_stats) == 1 + 2 * 6 - 1 + 1
-    for (mean, var), (ref_mean, ref_var) in zip(recorded_stats, ref_stats):
-        torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
+    assert len(layers) == len(ref_stats) == 1 + 2 * 6 - 1 + 1  # .modules() is call order
+    for layer, (ref_mean, ref_var) in zip(layers, ref_stats):
+        n = 2 * spatial[layer]  # values behind one group's statistics
+        torch.testing.assert_close(layer.running_mean, ref_mean.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, ref_var.mean(0) * n / (n - 1),
+                                   rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     # every layer after the first had a prior, and the check above means priors were used
     assert kn.guard_counts(model)["priors"] == len(ref_stats) - 1
@@ -186,32 +194,25 @@ def test_eval_adds_nothing_and_equals_deployed_batchnorm():
     assert rows == [5]
 
 
-def test_propagate_normalized_carries_the_output_distribution(monkeypatch):
-    priors = []
-    original = kn.functional.prior_from_rows
-
-    def recording(rows, groups):
-        out = original(rows, groups)
-        priors.append(out[:2])
-        return out
-
-    monkeypatch.setattr(kn.functional, "prior_from_rows", recording)
+def test_propagate_normalized_carries_the_output_distribution(kernel):
     for propagate in ("raw", "normalized"):
-        priors.clear()
         first = kn.BatchKalmanNorm2d(2, micro_batch=4, propagate=propagate)
         with torch.no_grad():
             first.weight.copy_(torch.tensor([2.0, 0.5]))
             first.bias.copy_(torch.tensor([1.0, -3.0]))
-        model = kn.KalmanPredictor(nn.Sequential(first, kn.BatchKalmanNorm2d(2, micro_batch=4)))
+        # gain 1 and momentum 1: the second layer's running buffers are its prior
+        second = kn.BatchKalmanNorm2d(2, micro_batch=4, gain=1.0, momentum=1.0)
+        model = kn.KalmanPredictor(nn.Sequential(first, second))
         x = torch.randn(8, 2, 64, 64) * torch.tensor([3.0, 0.2])[:, None, None] + 5
         model(x)
-        mean, var = priors[0]
+        n = 4 * 64 * 64  # values per group behind the unbiased running variance
+        mean, var = second.running_mean, second.running_var * (n - 1) / n
         if propagate == "raw":  # the statistics of the first layer's input
-            torch.testing.assert_close(mean, torch.full((2, 2), 5.0), atol=0.1, rtol=0)
-            torch.testing.assert_close(var, torch.tensor([[9.0, 0.04]] * 2), atol=0, rtol=0.1)
+            torch.testing.assert_close(mean, torch.tensor([5.0, 5.0]), atol=0.1, rtol=0)
+            torch.testing.assert_close(var, torch.tensor([9.0, 0.04]), atol=0, rtol=0.1)
         else:  # bias and weight^2
-            torch.testing.assert_close(mean, torch.tensor([[1.0, -3.0]] * 2), atol=0.1, rtol=0)
-            torch.testing.assert_close(var, torch.tensor([[4.0, 0.25]] * 2), atol=0, rtol=0.1)
+            torch.testing.assert_close(mean, torch.tensor([1.0, -3.0]), atol=0.1, rtol=0)
+            torch.testing.assert_close(var, torch.tensor([4.0, 0.25]), atol=0, rtol=0.1)
 
 
 def test_generator_makes_samples_reproducible():

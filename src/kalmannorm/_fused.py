@@ -82,6 +82,10 @@ def _bn_reduce(grad: Tensor, inp: Tensor, center: Tensor) -> Tuple[Tensor, Tenso
     """
     groups, m, channels, length = inp.shape
     sdt = _stat_dtype(inp.dtype)
+    if inp.device.type != "cpu":
+        # The CUDA native kernel needs a weight and running buffers; reductions are cheap there.
+        g = grad.to(sdt)
+        return g.sum(-1), (g * (inp.to(sdt) - center.to(sdt)[:, None, :, None])).sum(-1)
     rows = groups * m * channels
     mean = center.to(sdt)[:, None, :].expand(groups, m, channels).reshape(rows)
     ones = torch.ones(rows, dtype=sdt, device=inp.device)

@@ -1,0 +1,124 @@
+"""The micro-batch comparison on CIFAR-10 that docs/results/ reports.
+
+Pre-activation ResNet-20, SGD batch 128, statistics over micro-batches of 2 unless stated, the
+harness's ``short`` recipe. Every run is one ``python -m kalmannorm train`` process writing its
+own record (``<root>/<name>-seed<seed>/record.json``); runs already complete are skipped and
+incomplete ones resume, so the script can be stopped and started again at will.
+
+``--budget SECONDS`` first times one short epoch of every run under the same parallel load
+(``--limit-train``), then picks the largest number of epochs (at most ``--epochs``) that fits the
+budget, the same for every method, so that no method gets more training than another.
+
+    python experiments/cifar_microbatch.py --data-dir data --epochs 30 --parallel 9 \\
+        --device cuda --budget 400
+    python -m kalmannorm report runs/cifar/*/record.json --out docs/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+MICRO = ["--micro-batch", "2"]
+# name -> (train arguments, seeds)
+RUNS: Dict[str, Tuple[List[str], List[int]]] = {
+    "bn-full": (["--norm", "batchnorm", "--label", "BN, full batch (m=128)"], [0]),
+    "bn-m2": (["--norm", "ghost_batchnorm", *MICRO, "--label", "BN, m=2"], [0, 1]),
+    "brn-m2": (["--norm", "batchrenorm", *MICRO, "--label", "BRN, m=2"], [0]),
+    "gn": (["--norm", "groupnorm", "--norm-option", "num_groups=4", "--label", "GN (4 groups)"],
+           [0]),
+    "bkn-m2": (["--norm", "bkn", "--gain", "0.9", *MICRO, "--label", "BKN p=0.9, m=2"], [0, 1]),
+    "bkn-m2-normalized": (["--norm", "bkn", "--gain", "0.9", *MICRO, "--norm-option",
+                           'propagate="normalized"', "--label",
+                           "BKN p=0.9, m=2, normalized propagation"], [0]),
+    "bkn-m2-analytic": (["--norm", "bkn", "--gain", "0.9", *MICRO, "--prediction", "analytic",
+                         "--label", "BKN p=0.9, m=2, analytic prediction"], [0]),
+}
+
+
+def launch(name: str, seed: int, args: argparse.Namespace, extra: List[str], root: str):
+    train_args, _ = RUNS[name]
+    run_dir = os.path.join(root, f"{name}-seed{seed}")
+    cmd = [sys.executable, "-m", "kalmannorm", "train", *train_args, "--dataset", "cifar10",
+           "--data-dir", args.data_dir, "--arch", args.arch, "--batch-size", "128",
+           "--seed", str(seed), "--device", args.device, "--run-dir", run_dir, "--quiet",
+           *extra]
+    if os.path.exists(os.path.join(run_dir, "record.json")):
+        cmd.append("--resume")
+    os.makedirs(run_dir, exist_ok=True)
+    log = open(os.path.join(run_dir, "log.txt"), "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_dir
+
+
+def run_all(jobs: List[Tuple[str, int]], args, extra: List[str], root: str) -> List[str]:
+    """Run ``jobs`` at most ``args.parallel`` at a time; return their run directories."""
+    pending, running, dirs = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            proc, run_dir = launch(*pending.pop(0), args, extra, root)
+            running.append((proc, run_dir))
+            dirs.append(run_dir)
+        time.sleep(2)
+        for proc, run_dir in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, run_dir))
+                if proc.returncode:
+                    print(f"{run_dir}: exit {proc.returncode} (see log.txt)", flush=True)
+    return dirs
+
+
+def complete(run_dir: str) -> bool:
+    path = os.path.join(run_dir, "record.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("status") in ("complete", "diverged")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--root", default="runs/cifar")
+    parser.add_argument("--arch", default="preact_resnet20")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs (the most, with --budget)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--budget", type=float, help="seconds for all runs; picks the epochs")
+    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="a subset of the runs")
+    args = parser.parse_args()
+
+    names = args.only or list(RUNS)
+    jobs = [(name, seed) for name in names for seed in RUNS[name][1]]
+    epochs = args.epochs
+    if args.budget:
+        start = time.perf_counter()
+        calib_root = os.path.join(args.root, "calibration")
+        sample = 5120
+        run_all(jobs, args, ["--epochs", "1", "--limit-train", str(sample), "--overwrite"],
+                calib_root)
+        per_epoch = []
+        for name, seed in jobs:
+            with open(os.path.join(calib_root, f"{name}-seed{seed}", "record.json")) as f:
+                record = json.load(f)
+            per_epoch.append(record["history"][0]["epoch_time"] * 50000 / sample)
+        waves = math.ceil(len(jobs) / args.parallel)
+        left = args.budget - (time.perf_counter() - start)
+        epochs = max(1, min(args.epochs, int(0.85 * left / (waves * max(per_epoch)))))
+        print(f"calibration: slowest epoch ~{max(per_epoch):.1f}s under load; {waves} wave(s); "
+              f"{left:.0f}s left -> {epochs} epochs", flush=True)
+        extra = ["--epochs", str(epochs), "--time-limit", str(left / waves)]
+    else:
+        extra = ["--epochs", str(epochs)]
+    todo = [job for job in jobs
+            if not complete(os.path.join(args.root, f"{job[0]}-seed{job[1]}"))]
+    for run_dir in run_all(todo, args, extra, args.root):
+        print(run_dir, "complete" if complete(run_dir) else "incomplete", flush=True)
+
+
+if __name__ == "__main__":
+    main()
