@@ -58,7 +58,8 @@ def test_gain_zero_is_per_group_batchnorm_with_averaged_buffers(bkn_cls, bn_cls,
     chunks = x.chunk(4)
     y_ref = torch.cat([F.batch_norm(c, None, None, bkn.weight, bkn.bias, True, 0.0, 1e-5)
                        for c in chunks])
-    torch.testing.assert_close(y, y_ref)
+    # two rows per group on [8, 3]: a tiny variance amplifies rounding differences
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, (x, bkn.weight), g),
                     torch.autograd.grad(y_ref, (x, bkn.weight), g)):
