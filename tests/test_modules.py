@@ -63,7 +63,7 @@ def test_gain_zero_is_per_group_batchnorm_with_averaged_buffers(bkn_cls, bn_cls,
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, (x, bkn.weight), g),
                     torch.autograd.grad(y_ref, (x, bkn.weight), g)):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     dims = [0] + list(range(2, x.dim()))
     means = torch.stack([c.detach().mean(dims) for c in chunks]).mean(0)
     vars_ = torch.stack([c.detach().var(dims, unbiased=True) for c in chunks]).mean(0)
