@@ -348,8 +348,20 @@ def _layer_suite(config: BenchConfig, device: torch.device, budget: _Budget) -> 
                         methods = [(k, s) for k, s in methods
                                    if k in ("copy", "batchnorm", "bkn@2", "bkn_shadow@2")]
                     torch.manual_seed(config.seed)
-                    fns = {name: _layer_fn(spec, shape, device, dtype, fmt, mode == "compile")
-                           for name, spec in methods}
+                    fns, errors = {}, {}
+                    for name, spec in methods:
+                        try:  # one failing method must not cost the others' numbers
+                            fn = _layer_fn(spec, shape, device, dtype, fmt, mode == "compile")
+                            fn()
+                            fns[name] = fn
+                        except Exception as exc:
+                            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                            log.warning("layer %s %s failed: %s", name, shape, errors[name])
+                    if "batchnorm" not in fns or "copy" not in fns:
+                        results.append(dict(suite="layer", shape=list(shape), dtype=dtype,
+                                            memory_format=fmt, mode=mode, errors=errors,
+                                            skipped="baseline failed"))
+                        continue
                     start = time.perf_counter()
                     times = _round_robin(fns, device, config.warmup, config.repeats,
                                          config.inner)
@@ -359,7 +371,7 @@ def _layer_suite(config: BenchConfig, device: torch.device, budget: _Budget) -> 
                         entry["vs_copy"] = entry["median_ms"] / copy
                     results.append(dict(suite="layer", shape=list(shape), dtype=dtype,
                                         memory_format=fmt, mode=mode, methods=summary,
-                                        wall_s=time.perf_counter() - start))
+                                        errors=errors, wall_s=time.perf_counter() - start))
                     log.info("layer %s %s %s %s: %s", mode, shape, dtype, fmt, _brief(summary))
     return results
 
@@ -460,9 +472,15 @@ def _peak_bytes(step: Callable[[], Any], device: torch.device) -> Optional[int]:
 
 def _model_suite(config: BenchConfig, device: torch.device, budget: _Budget) -> List[dict]:
     results = []
-    for arch, batch, size in config.models:
-        for dtype in config.dtypes:
-            for fmt in config.memory_formats:
+    # Most telling variants first, so that a time budget drops the least telling ones.
+    order = [("float32", "contiguous"), ("bfloat16", "channels_last"),
+             ("bfloat16", "contiguous"), ("float32", "channels_last")]
+    variants = [v for v in order if v[0] in config.dtypes and v[1] in config.memory_formats]
+    variants += [(d, f) for d in config.dtypes for f in config.memory_formats
+                 if (d, f) not in variants]
+    for dtype, fmt in variants:
+        for arch, batch, size in config.models:
+            if True:
                 if budget.exhausted():
                     results.append(dict(suite="model", arch=arch, batch=batch, image_size=size,
                                         dtype=dtype, memory_format=fmt, mode="eager",
@@ -475,14 +493,20 @@ def _model_suite(config: BenchConfig, device: torch.device, budget: _Budget) -> 
                     torch.manual_seed(config.seed)
                     try:
                         model = _build_model(arch, spec, device, fmt)
-                    except ValueError as exc:
-                        errors[name] = str(exc)
+                        step = _train_step(model, batch, size, device, dtype, fmt)
+                        step()  # first call outside the measurement (allocations, lazy init)
+                        memory[name] = dict(saved_bytes=_saved_bytes(step),
+                                            peak_bytes=_peak_bytes(step, device))
+                    except Exception as exc:  # recorded; the other methods still run
+                        errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                        log.warning("model %s %s failed: %s", arch, name, errors[name])
                         continue
-                    step = _train_step(model, batch, size, device, dtype, fmt)
-                    step()  # first call outside the measurement (allocations, lazy init)
-                    memory[name] = dict(saved_bytes=_saved_bytes(step),
-                                        peak_bytes=_peak_bytes(step, device))
                     steps[name] = step
+                if "batchnorm" not in steps:
+                    results.append(dict(suite="model", arch=arch, batch=batch, image_size=size,
+                                        dtype=dtype, memory_format=fmt, mode="eager",
+                                        errors=errors, skipped="baseline failed"))
+                    continue
                 start = time.perf_counter()
                 times = _round_robin(steps, device, 1, config.model_repeats)
                 summary = _summary(times, "batchnorm")
@@ -522,37 +546,52 @@ def graph_breaks(arch: str = "preact_resnet20", micro_batch: int = 2, batch: int
 
 
 def _compile_suite(config: BenchConfig, device: torch.device, budget: _Budget) -> List[dict]:
-    results = [dict(suite="compile", kind="explain", arch="preact_resnet20",
-                    **graph_breaks())]
+    try:
+        explained = graph_breaks()
+    except Exception as exc:
+        explained = dict(graphs=None, graph_breaks=None, reasons=[],
+                         error=f"{type(exc).__name__}: {exc}"[:300])
+    results = [dict(suite="compile", kind="explain", arch="preact_resnet20", **explained)]
     log.info("compile explain: %s", results[0])
     for arch, batch, size in config.compile_models:
         if budget.exhausted():
             results.append(dict(suite="compile", kind="step", arch=arch, skipped="budget"))
             continue
-        steps, compile_s = {}, {}
+        steps, compile_s, errors = {}, {}, {}
         for name, spec in (("batchnorm", dict(norm="batchnorm")),
                            ("bkn@2", dict(norm="bkn", micro_batch=2, gain=config.gain))):
             for mode in ("eager", "compile"):
-                torch.manual_seed(config.seed)
-                torch._dynamo.reset() if mode == "compile" else None
-                model = _build_model(arch, spec, device, "contiguous")
-                step = _train_step(model, batch, size, device, "float32", "contiguous",
-                                   compiled=mode == "compile")
-                _sync(device)
-                start = time.perf_counter()
-                step()
-                step()
-                _sync(device)
                 key = f"{name}" if mode == "eager" else f"{name}+compile"
+                if budget.exhausted():
+                    errors[key] = "skipped: time budget"
+                    continue
+                torch.manual_seed(config.seed)
+                try:
+                    model = _build_model(arch, spec, device, "contiguous")
+                    step = _train_step(model, batch, size, device, "float32", "contiguous",
+                                       compiled=mode == "compile")
+                    _sync(device)
+                    start = time.perf_counter()
+                    step()
+                    step()
+                    _sync(device)
+                except Exception as exc:
+                    errors[key] = f"{type(exc).__name__}: {exc}"[:300]
+                    log.warning("compile %s failed: %s", key, errors[key])
+                    continue
                 compile_s[key] = time.perf_counter() - start
                 steps[key] = step
+        if "batchnorm" not in steps:
+            results.append(dict(suite="compile", kind="step", arch=arch, errors=errors,
+                                skipped="baseline failed"))
+            continue
         times = _round_robin(steps, device, 1, config.model_repeats)
         summary = _summary(times, "batchnorm")
         for key, entry in summary.items():
             entry["first_two_steps_s"] = compile_s[key]
         results.append(dict(suite="compile", kind="step", arch=arch, batch=batch,
                             image_size=size, dtype="float32", memory_format="contiguous",
-                            methods=summary))
+                            methods=summary, errors=errors))
         log.info("compile step %s: %s", arch, _brief(summary))
     return results
 
@@ -682,8 +721,12 @@ def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, A
     # then those of the composite form, and the record says so.
     kernels = contextlib.nullcontext() if record["verify"]["ok"] else _composite_kernels()
     suites = {"layer": _layer_suite, "model": _model_suite, "compile": _compile_suite}
+    # On a GPU the compile suite goes before the model suite: under the time budget it is the
+    # model suite's last variants that are dropped.
+    order = ("layer", "compile", "model") if device.type == "cuda" else ("layer", "model",
+                                                                          "compile")
     with kernels:
-        for name in ("layer", "model", "compile"):
+        for name in order:
             if name in config.suites:
                 record["results"] += suites[name](config, device, budget)
                 record["wall_s"] = time.perf_counter() - started
@@ -807,6 +850,8 @@ def _layer_tables(record: Dict[str, Any]) -> List[str]:
                 target = "x BN " + _target_mark(entry["ratio"], (1 + 1 / m) * 1.3)
             lines.append(f"| {name} | {entry['median_ms']:.2f} ±{entry['iqr_ms'] / 2:.2f} | "
                          f"{_fmt_ratio(entry)} | {entry['vs_copy']:.2f} | {target} |")
+        for name, error in r.get("errors", {}).items():
+            lines.append(f"| {name} | not run: {error} | | | |")
         lines.append("")
     return lines
 
@@ -851,7 +896,9 @@ def _compile_tables(record: Dict[str, Any]) -> List[str]:
     for r in record["results"]:
         if r["suite"] != "compile":
             continue
-        if r.get("kind") == "explain":
+        if r.get("kind") == "explain" and r.get("graph_breaks") is None:
+            lines += [f"`torch._dynamo.explain` failed: {r.get('error')}", ""]
+        elif r.get("kind") == "explain":
             reasons = "; ".join(r["reasons"]) or "none"
             lines += [f"`torch._dynamo.explain` of a converted {r['arch']} (BKN, micro-batch 2, "
                       f"training forward): {r['graphs']} graph(s), {r['graph_breaks']} graph "
@@ -865,6 +912,8 @@ def _compile_tables(record: Dict[str, Any]) -> List[str]:
             for name, e in r["methods"].items():
                 lines.append(f"| {name} | {e['median_ms']:.1f} ±{e['iqr_ms'] / 2:.1f} | "
                              f"{_fmt_ratio(e)} | {e['first_two_steps_s']:.1f} |")
+            for name, error in r.get("errors", {}).items():
+                lines.append(f"| {name} | not run: {error} | | |")
             lines.append("")
     return lines
 
@@ -901,7 +950,8 @@ def _targets_table(record: Dict[str, Any]) -> List[str]:
                     rows.append((f"{r['arch']} memory ({kind}), {name}", f"<= {limit:.2f}x BN",
                                  f"{mem:.2f}x ({where})", _target_mark(mem, limit)))
     for r in record["results"]:
-        if r["suite"] == "compile" and r.get("kind") == "explain":
+        if r["suite"] == "compile" and r.get("kind") == "explain" \
+                and r.get("graph_breaks") is not None:
             rows.append(("graph breaks, converted " + r["arch"], "0", str(r["graph_breaks"]),
                          _target_mark(r["graph_breaks"], 0)))
     if not rows:
