@@ -66,6 +66,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "layernorm, instancenorm, batchrenorm, bkn (default batchnorm)")
     g.add_argument("--micro-batch", type=int, help="rows per statistics group (default: whole batch)")
     g.add_argument("--gain", type=float, help="BKN gain p, the weight on the prediction (e.g. 0.9)")
+    g.add_argument("--prediction", choices=("sampled", "analytic"),
+                   help="BKN layer-to-layer prediction: sampled shadow rows (default, the released "
+                   "code) or analytic moment propagation")
     g.add_argument("--norm-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="extra norm constructor option (JSON value), repeatable, e.g. num_groups=4")
     g.add_argument("--label", help="method name in reports (default from norm, gain, micro-batch)")

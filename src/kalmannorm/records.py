@@ -50,14 +50,18 @@ EPOCH_FIELDS = (
 
 
 def git_info(path: Optional[str] = None) -> Tuple[Optional[str], Optional[bool]]:
-    """``(commit, dirty)`` of the git checkout holding ``path`` (default: this package), or ``(None, None)``."""
+    """``(commit, dirty)`` of the git checkout holding ``path`` (default: this package).
+
+    Outside a checkout: ``(KALMANNORM_GIT_COMMIT, None)`` if that variable is set, else
+    ``(None, None)``.
+    """
     path = path or os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(
             ["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         )
         if commit.returncode != 0:
-            return None, None
+            return _commit_from_environment()
         status = subprocess.run(
             ["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
             capture_output=True, text=True, timeout=10,
@@ -65,7 +69,13 @@ def git_info(path: Optional[str] = None) -> Tuple[Optional[str], Optional[bool]]
         dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
         return commit.stdout.strip(), dirty
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return _commit_from_environment()
+
+
+def _commit_from_environment() -> Tuple[Optional[str], Optional[bool]]:
+    # A copy of the tree without .git (a remote machine) can say what it was copied from.
+    commit = os.environ.get("KALMANNORM_GIT_COMMIT")
+    return (commit, None) if commit else (None, None)
 
 
 def versions() -> Dict[str, str]:

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import DATASETS, ImageData, epoch_batches, eval_batches, load_dataset
+from .analytic import AnalyticKalmanPredictor
 from .models import build_model
+from .prediction import KalmanPredictor
 from .records import SCHEMA, git_info, now, versions, write_json
 
 __all__ = [
@@ -144,6 +146,7 @@ class ShortRecipe:
 
 
 RECIPES = {"paper": PaperRecipe, "short": ShortRecipe}
+PREDICTIONS = {"sampled": KalmanPredictor, "analytic": AnalyticKalmanPredictor}
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -190,7 +193,9 @@ class TrainConfig:
     Method: ``norm`` is a registry name of :func:`kalmannorm.get_norm_layer` (``batchnorm``,
     ``ghost_batchnorm``, ``groupnorm``, ``batchrenorm``, ``bkn``, ...); ``micro_batch`` (rows per
     statistics group, ``None`` = the whole batch) and ``gain`` (BKN's ``p``) are passed to it when
-    set, with ``norm_options``. ``label`` names the method in reports (default from those fields).
+    set, with ``norm_options``; ``prediction`` (``sampled`` or ``analytic``) picks how a model with
+    BKN layers predicts their statistics. ``label`` names the method in reports (default from
+    those fields).
 
     Data: ``dataset`` is ``digits`` (offline default), ``cifar10``, ``cifar100`` or ``folder``
     (``data_dir`` with one sub-folder per class); ``limit_train`` / ``limit_test`` keep a fixed
@@ -213,6 +218,7 @@ class TrainConfig:
     norm: str = "batchnorm"
     micro_batch: Optional[int] = None
     gain: Optional[float] = None
+    prediction: str = "sampled"
     norm_options: Dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
     data_dir: Optional[str] = None
@@ -251,6 +257,9 @@ class TrainConfig:
                     f"batch_size {self.batch_size} does not split into groups of micro_batch="
                     f"{self.micro_batch}; use a batch size that is a multiple of it"
                 )
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of "
+                             f"{', '.join(PREDICTIONS)}")
         if self.time_limit is not None and self.time_limit < 0:
             raise ValueError(f"time_limit must be >= 0 seconds (got {self.time_limit})")
         self.resolved_recipe()  # fail early on bad recipe options
@@ -455,12 +464,12 @@ def _load_data(config: TrainConfig, rank: int, world: int) -> ImageData:
 
 
 def _build(config: TrainConfig, data: ImageData, device: torch.device):
-    from . import KalmanPredictor, has_kalman_layers
+    from . import has_kalman_layers
 
     torch.manual_seed(config.seed)
     model = build_model(config.arch, data.num_classes, config.norm_layer(), data.in_channels,
                         width=config.width, **config.model_options).to(device)
-    net = KalmanPredictor(model) if has_kalman_layers(model) else model
+    net = PREDICTIONS[config.prediction](model) if has_kalman_layers(model) else model
     return model, net
 
 
