@@ -22,5 +22,8 @@ test: install
 demo: install
 	$(PY) -m kalmannorm demo
 
+bench: install
+	$(PY) -m kalmannorm bench
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info
