@@ -120,7 +120,7 @@ def resolve(config: BenchConfig) -> BenchConfig:
             (("preact_resnet20", 128, 32),) if cuda else (("preact_resnet20", 32, 32),)
         ),
         compile_layer=not quick and not cuda,  # each compiled layer costs ~15 s on a GPU
-        budget_s=(170.0 if cuda else None),
+        budget_s=(150.0 if cuda else None),
     )
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     for key, value in defaults.items():
@@ -1071,7 +1071,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "option: sampled (default), analytic")
     p.add_argument("--budget-s", type=float,
                    help="skip the remaining measurements after this many seconds "
-                        "(default 170 on CUDA, none on CPU)")
+                        "(default 150 on CUDA, none on CPU)")
     p.add_argument("--label", default="", help="added to the record's file name")
     p.add_argument("--out", default=None,
                    help="folder for the JSON record (default docs/perf when run from the repo)")
