@@ -99,19 +99,24 @@ def main() -> None:
         start = time.perf_counter()
         calib_root = os.path.join(args.root, "calibration")
         sample = 5120
-        run_all(jobs, args, ["--epochs", "1", "--limit-train", str(sample), "--overwrite"],
-                calib_root)
+        # two short epochs (the second one is past start-up and warm-up), a tenth of the test
+        # set: ~1/10 of a full epoch, training and evaluation alike
+        run_all(jobs, args, ["--epochs", "2", "--limit-train", str(sample), "--limit-test",
+                             "1000", "--overwrite"], calib_root)
         per_epoch = []
         for name, seed in jobs:
             with open(os.path.join(calib_root, f"{name}-seed{seed}", "record.json")) as f:
                 record = json.load(f)
-            per_epoch.append(record["history"][0]["epoch_time"] * 50000 / sample)
+            per_epoch.append(record["history"][-1]["epoch_time"] * 50000 / sample)
         waves = math.ceil(len(jobs) / args.parallel)
         left = args.budget - (time.perf_counter() - start)
+        if left < waves * max(per_epoch):
+            print(f"calibration left {left:.0f}s, less than one epoch: nothing run", flush=True)
+            return
         epochs = max(1, min(args.epochs, int(0.85 * left / (waves * max(per_epoch)))))
         print(f"calibration: slowest epoch ~{max(per_epoch):.1f}s under load; {waves} wave(s); "
               f"{left:.0f}s left -> {epochs} epochs", flush=True)
-        extra = ["--epochs", str(epochs), "--time-limit", str(left / waves)]
+        extra = ["--epochs", str(epochs), "--time-limit", f"{left / waves:.0f}"]
     else:
         extra = ["--epochs", str(epochs)]
     todo = [job for job in jobs
