@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .modules import _BatchKalmanNorm
-from .prediction import KalmanPredictor, _batch_coupled, _first_batch_size
+from .prediction import KalmanPredictor
 
 __all__ = [
     "AnalyticKalmanPredictor",
@@ -861,20 +861,5 @@ class AnalyticKalmanPredictor(KalmanPredictor):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._predicting():
             return self.module(*args, **kwargs)
-        coupled = _batch_coupled(self.module)
-        if coupled:
-            raise ValueError(self._coupled_message(coupled))
-        rows = _first_batch_size((args, kwargs))
-        if rows is None:
-            raise ValueError("AnalyticKalmanPredictor found no batched tensor among the inputs")
-        if self.micro_batch is None:
-            groups = 1
-        elif rows % self.micro_batch != 0:
-            raise ValueError(
-                f"a batch of {rows} rows does not split into groups of micro_batch="
-                f"{self.micro_batch}; use a batch size that is a multiple of it"
-            )
-        else:
-            groups = rows // self.micro_batch
-        self._state.groups = groups  # reset at the start of every pass
+        self._state.groups = self._start_pass(args, kwargs)[1]  # reset at every pass
         return self._traced(*args, **kwargs)

@@ -221,24 +221,27 @@ class KalmanPredictor(nn.Module):
             for m in self.module.modules()
         )
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._predicting():
-            return self.module(*args, **kwargs)
+    def _start_pass(self, args: tuple, kwargs: dict) -> Tuple[int, int]:
+        """Check a training pass's model and inputs; return ``(rows, groups)`` of the batch."""
         coupled = _batch_coupled(self.module)
         if coupled:
             raise ValueError(self._coupled_message(coupled))
         rows = _first_batch_size((args, kwargs))
         if rows is None:
-            raise ValueError("KalmanPredictor found no batched tensor among the inputs")
+            raise ValueError(f"{type(self).__name__} found no batched tensor among the inputs")
         if self.micro_batch is None:
-            groups = 1
-        elif rows % self.micro_batch != 0:
+            return rows, 1
+        if rows % self.micro_batch != 0:
             raise ValueError(
                 f"a batch of {rows} rows does not split into groups of micro_batch="
                 f"{self.micro_batch}; use a batch size that is a multiple of it"
             )
-        else:
-            groups = rows // self.micro_batch
+        return rows, rows // self.micro_batch
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._predicting():
+            return self.module(*args, **kwargs)
+        rows, groups = self._start_pass(args, kwargs)
         extra = groups * self.rows_per_group
 
         def append(t: Tensor) -> Tensor:
