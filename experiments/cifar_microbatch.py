@@ -25,6 +25,8 @@ import time
 from typing import Dict, List, Tuple
 
 MICRO = ["--micro-batch", "2"]
+BATCH2 = ["--batch-size", "2", "--lr", "0.003", "--epochs", "3", "--limit-train", "10000",
+          "--limit-test", "2000"]
 # name -> (train arguments, seeds)
 RUNS: Dict[str, Tuple[List[str], List[int]]] = {
     "bn-full": (["--norm", "batchnorm", "--label", "BN, full batch (m=128)"], [0]),
@@ -38,16 +40,25 @@ RUNS: Dict[str, Tuple[List[str], List[int]]] = {
                            "BKN p=0.9, m=2, normalized propagation"], [0]),
     "bkn-m2-analytic": (["--norm", "bkn", "--gain", "0.9", *MICRO, "--prediction", "analytic",
                          "--label", "BKN p=0.9, m=2, analytic prediction"], [0]),
+    # a true SGD batch of 2 (one statistics group): a shorter run on a 10k-image subset, the
+    # learning rate scaled linearly from the batch-128 recipe (0.2 * 2 / 128 ~ 0.003)
+    "bn-b2": ([*BATCH2, "--norm", "batchnorm", "--label", "BN, SGD batch 2"], [0]),
+    "bkn-b2": ([*BATCH2, "--norm", "bkn", "--gain", "0.9", "--label",
+                "BKN p=0.9, SGD batch 2"], [0]),
 }
+MICRO_RUNS = [name for name in RUNS if not name.endswith("-b2")]
 
 
 def launch(name: str, seed: int, args: argparse.Namespace, extra: List[str], root: str):
     train_args, _ = RUNS[name]
     run_dir = os.path.join(root, f"{name}-seed{seed}")
-    cmd = [sys.executable, "-m", "kalmannorm", "train", *train_args, "--dataset", "cifar10",
+    # the run's own arguments come last: they override the common ones (argparse: last wins)
+    cmd = [sys.executable, "-m", "kalmannorm", "train", "--dataset", "cifar10",
            "--data-dir", args.data_dir, "--arch", args.arch, "--batch-size", "128",
            "--seed", str(seed), "--device", args.device, "--run-dir", run_dir, "--quiet",
-           *extra]
+           *extra, *train_args]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if os.path.exists(os.path.join(run_dir, "record.json")):
         cmd.append("--resume")
     os.makedirs(run_dir, exist_ok=True)
@@ -89,10 +100,12 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--budget", type=float, help="seconds for all runs; picks the epochs")
-    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="a subset of the runs")
+    parser.add_argument("--only", nargs="*", choices=sorted(RUNS),
+                        help="these runs (default: all but the SGD-batch-2 ones, bn-b2 bkn-b2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per run")
     args = parser.parse_args()
 
-    names = args.only or list(RUNS)
+    names = args.only or MICRO_RUNS
     jobs = [(name, seed) for name in names for seed in RUNS[name][1]]
     epochs = args.epochs
     if args.budget:
