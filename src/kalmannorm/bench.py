@@ -962,8 +962,29 @@ def _targets_table(record: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
+def _result_key(result: Dict[str, Any]) -> Tuple:
+    return (result["suite"], result.get("kind"), str(result.get("shape")), result.get("arch"),
+            result.get("dtype"), result.get("memory_format"), result.get("mode"))
+
+
+def _merge(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """One record made of the newest measured result of each configuration, and the records
+    that contributed (a partial rerun replaces only what it measured)."""
+    merged: Dict[Tuple, Dict[str, Any]] = {}
+    source: Dict[Tuple, int] = {}
+    for i, record in enumerate(records):
+        for result in record["results"]:
+            if "methods" in result or result.get("kind") == "explain" or \
+                    _result_key(result) not in merged:
+                merged[_result_key(result)] = result
+                source[_result_key(result)] = i
+    used = sorted(set(source.values()))
+    return dict(records[-1], results=list(merged.values())), [records[i] for i in used]
+
+
 def render_tables(records: Sequence[Dict[str, Any]]) -> str:
-    """Markdown tables of the newest full (else quick) record per device kind, CPU then GPU."""
+    """Markdown tables per device kind (CPU, then GPU) from its full records (else its quick
+    ones), each configuration from the newest record that measured it."""
     lines: List[str] = []
     for device, title in (("cpu", "CPU"), ("cuda", "GPU")):
         mine = [r for r in records if r.get("device") == device]
@@ -971,8 +992,11 @@ def render_tables(records: Sequence[Dict[str, Any]]) -> str:
             lines += [f"### {title}", "", f"No {title} record yet.", ""]
             continue
         full = [r for r in mine if not r["config"]["quick"]]
-        record = (full or mine)[-1]
-        lines += [f"### {title}", ""] + _record_header(record) + _targets_table(record)
+        record, used = _merge(full or mine)
+        lines += [f"### {title}", ""]
+        for source in used:
+            lines += _record_header(source)
+        lines += _targets_table(record)
         lines += _layer_tables(record) + _model_tables(record) + _compile_tables(record)
     return "\n".join(lines).rstrip() + "\n"
 
