@@ -40,7 +40,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def fused_available(x: Tensor) -> bool:
-    """Whether the fused kernel applies: eager mode and a dense layout it handles.
+    """Whether the fused kernel applies: eager mode on the CPU and a dense layout it handles.
 
     ``KALMANNORM_FUSED=0`` in the environment turns it off (the composite form computes the
     same result), an escape hatch for a platform where the fused kernel fails.
@@ -48,6 +48,10 @@ def fused_available(x: Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
     if os.environ.get("KALMANNORM_FUSED", "1") == "0":
+        return False
+    if x.device.type != "cpu":
+        # Measured on an H100 (docs/performance.md): launch-bound there, and the composite form
+        # is faster than this kernel; the kernel's savings are CPU memory passes.
         return False
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False

@@ -49,14 +49,15 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .records import git_info
 
 __all__ = ["BenchConfig", "run_bench", "write_doc", "add_arguments", "main", "SCHEMA"]
 
@@ -653,20 +654,6 @@ def verify_fused(device: torch.device) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the record
-def _git(path: str) -> Tuple[Optional[str], Optional[bool]]:
-    try:
-        commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-        if commit.returncode != 0:
-            return None, None
-        status = subprocess.run(["git", "-C", path, "status", "--porcelain",
-                                 "--untracked-files=no"], capture_output=True, text=True,
-                                timeout=10)
-        return commit.stdout.strip(), bool(status.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
 def _machine(device: torch.device) -> Dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -707,9 +694,7 @@ def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, A
         torch.set_num_threads(config.threads)
     budget = _Budget(config.budget_s)
     started = time.perf_counter()
-    import kalmannorm
-
-    commit, dirty = _git(os.path.dirname(os.path.abspath(kalmannorm.__file__)))
+    commit, dirty = git_info()
     record: Dict[str, Any] = dict(
         schema=SCHEMA, label=config.label, config=dataclasses.asdict(config),
         git_commit=commit, git_dirty=dirty, versions=_versions(), machine=_machine(device),
