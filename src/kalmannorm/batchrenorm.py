@@ -16,15 +16,14 @@ averages use the mean of the per-group statistics.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
 
 from .functional import group_affine, group_moments, update_running_stats
+from .modules import _GroupedNorm
 
 __all__ = [
     "renorm_limits",
@@ -167,10 +166,8 @@ def batch_renorm(
     return group_affine(x, scale, shift), mean, var
 
 
-class _BatchRenorm(_NormBase):
+class _BatchRenorm(_GroupedNorm):
     """Shared implementation; see :class:`BatchRenorm2d`."""
-
-    _expected_dims: Tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -188,8 +185,6 @@ class _BatchRenorm(_NormBase):
         warmup_steps: int = 400,
         ramp_steps: int = 800,
     ) -> None:
-        if micro_batch is not None and (isinstance(micro_batch, bool) or micro_batch < 1):
-            raise ValueError(f"micro_batch must be a positive integer or None (got {micro_batch})")
         if r_max < 1.0:
             raise ValueError(f"r_max must be >= 1 (got {r_max})")
         if d_max < 0.0:
@@ -198,36 +193,12 @@ class _BatchRenorm(_NormBase):
             raise ValueError(
                 f"warmup_steps and ramp_steps must be >= 0 (got {warmup_steps} and {ramp_steps})"
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.micro_batch = micro_batch
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         micro_batch)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._expected_dims:
-            allowed = " or ".join(f"{n}D" for n in self._expected_dims)
-            raise ValueError(f"expected {allowed} input (got {input.dim()}D input)")
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected input with {self.num_features} channels (got {input.shape[1]})"
-            )
-
-    def _groups(self, input: Tensor) -> int:
-        n = input.shape[0]
-        m = n if self.micro_batch is None else self.micro_batch
-        if m == 0 or n % m != 0:
-            raise ValueError(
-                f"a batch of {n} rows does not split into groups of micro_batch={m} rows; "
-                "the batch size must be a multiple of micro_batch"
-            )
-        if m * math.prod(input.shape[2:]) < 2:
-            raise ValueError(
-                "expected more than 1 value per channel in each statistics group when training "
-                f"(got input size {tuple(input.shape)} with micro_batch={self.micro_batch})"
-            )
-        return n // m
 
     def extra_repr(self) -> str:
         return (
@@ -244,7 +215,8 @@ class _BatchRenorm(_NormBase):
                 input, self.running_mean, self.running_var, self.weight, self.bias,
                 False, 0.0, self.eps,
             )
-        groups = self._groups(input)
+        groups = self._groups(input.shape[0])
+        count = self._values_per_group(input, groups)
         if not self.track_running_stats:
             y, _, _ = batch_renorm(
                 input, None, None, self.weight, self.bias, groups=groups, eps=self.eps
@@ -266,7 +238,7 @@ class _BatchRenorm(_NormBase):
                 momentum = step.to(torch.float32).reciprocal()
             update_running_stats(
                 self.running_mean, self.running_var, mean.detach(), var.detach(), momentum,
-                count=input.shape[0] // groups * math.prod(input.shape[2:]),
+                count=count,
             )
         return y
 
@@ -329,7 +301,7 @@ class BatchRenorm1d(_BatchRenorm):
         nd="2D or 3D", over="(and positions ``L``)", shape="``[N, C]`` or ``[N, C, L]``",
         name="BatchRenorm1d", example="4, 3, 5",
     )
-    _expected_dims = (2, 3)
+    _input_dims = (2, 3)
 
 
 class BatchRenorm2d(_BatchRenorm):
@@ -337,7 +309,7 @@ class BatchRenorm2d(_BatchRenorm):
         nd="4D", over="and positions ``H, W``", shape="``[N, C, H, W]``",
         name="BatchRenorm2d", example="4, 3, 5, 5",
     )
-    _expected_dims = (4,)
+    _input_dims = (4,)
 
 
 class BatchRenorm3d(_BatchRenorm):
@@ -345,4 +317,4 @@ class BatchRenorm3d(_BatchRenorm):
         nd="5D", over="and positions ``D, H, W``", shape="``[N, C, D, H, W]``",
         name="BatchRenorm3d", example="4, 3, 2, 5, 5",
     )
-    _expected_dims = (5,)
+    _input_dims = (5,)

@@ -31,10 +31,56 @@ PROPAGATE_MODES = ("raw", "normalized")
 RUNNING_STATS_MODES = ("all", "group0")
 
 
-class _BatchKalmanNorm(_NormBase):
+class _GroupedNorm(_NormBase):
+    """A BatchNorm-shaped layer whose training statistics are per group of ``micro_batch``
+    contiguous rows (method.md section 2): input checks and group arithmetic shared by the BKN
+    and Batch Renormalization layers."""
+
+    _input_dims: Tuple[int, ...] = ()
+
+    def __init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                 micro_batch: Optional[int]) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if micro_batch is not None and (
+            isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1
+        ):
+            raise ValueError(f"micro_batch must be a positive int or None (got {micro_batch!r})")
+        self.micro_batch = micro_batch
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._input_dims:
+            allowed = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(f"expected {allowed} input (got {x.dim()}D input)")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels (got {x.shape[1]})"
+            )
+
+    def _groups(self, rows: int) -> int:
+        """Number of statistics groups in a batch of ``rows`` rows."""
+        if self.micro_batch is None:
+            return 1
+        if rows % self.micro_batch != 0:
+            raise ValueError(
+                f"a batch of {rows} rows does not split into groups of micro_batch="
+                f"{self.micro_batch}; use a batch size that is a multiple of it"
+            )
+        return rows // self.micro_batch
+
+    def _values_per_group(self, x: Tensor, groups: int) -> int:
+        """Values behind one group's statistics of ``x``; at least 2, as BatchNorm requires."""
+        values_per_group = (x.shape[0] // groups) * math.prod(x.shape[2:])
+        if values_per_group < 2:
+            raise ValueError(
+                f"expected more than 1 value per channel in each statistics group when "
+                f"training (got input of shape {tuple(x.shape)} split into {groups} groups)"
+            )
+        return values_per_group
+
+
+class _BatchKalmanNorm(_GroupedNorm):
     """Base class of the BKN layers; see :class:`BatchKalmanNorm2d`."""
 
-    _input_dims: tuple = ()
     _bn_class: type = torch.nn.BatchNorm2d
 
     def __init__(
@@ -54,11 +100,10 @@ class _BatchKalmanNorm(_NormBase):
         propagate: str = "raw",
         running_stats: str = "all",
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         micro_batch)
         if not 0.0 <= float(gain) <= 1.0:
             raise ValueError(f"gain must be in [0, 1] (got {gain})")
-        if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
-            raise ValueError(f"micro_batch must be a positive int or None (got {micro_batch!r})")
         if not guard_threshold > 0:
             raise ValueError(f"guard_threshold must be positive (got {guard_threshold})")
         if propagate not in PROPAGATE_MODES:
@@ -68,7 +113,6 @@ class _BatchKalmanNorm(_NormBase):
                 f"running_stats must be one of {RUNNING_STATS_MODES} (got {running_stats!r})"
             )
         self.gain = float(gain)
-        self.micro_batch = micro_batch
         self.guard_threshold = float(guard_threshold)
         self.detach_prior = detach_prior
         self.propagate = propagate
@@ -82,32 +126,12 @@ class _BatchKalmanNorm(_NormBase):
         self._shadow_batch = None
         self._warned_alone = False
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in self._input_dims:
-            allowed = " or ".join(f"{d}D" for d in self._input_dims)
-            raise ValueError(f"expected {allowed} input (got {x.dim()}D input)")
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected input with {self.num_features} channels (got {x.shape[1]} channels "
-                f"in input of shape {tuple(x.shape)})"
-            )
-
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, gain={self.gain}, micro_batch={self.micro_batch}, "
             f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
             f"propagate={self.propagate!r}, running_stats={self.running_stats!r}"
         )
-
-    def _groups(self, rows: int) -> int:
-        if self.micro_batch is None:
-            return 1
-        if rows % self.micro_batch != 0:
-            raise ValueError(
-                f"a batch of {rows} rows does not split into groups of micro_batch="
-                f"{self.micro_batch}; use a batch size that is a multiple of it"
-            )
-        return rows // self.micro_batch
 
     def _momentum(self) -> float:
         if self.momentum is not None:
@@ -156,15 +180,6 @@ class _BatchKalmanNorm(_NormBase):
             shadow_out = KF.normalize(shadow_out, mean, var, self.weight, self.bias, self.eps)
         shadow_batch.has_predecessor = True
         return torch.cat([y, shadow_out.to(y.dtype)])
-
-    def _values_per_group(self, x: Tensor, groups: int) -> int:
-        values_per_group = (x.shape[0] // groups) * math.prod(x.shape[2:])
-        if values_per_group < 2:
-            raise ValueError(
-                f"expected more than 1 value per channel in each statistics group when "
-                f"training (got input of shape {tuple(x.shape)} split into {groups} groups)"
-            )
-        return values_per_group
 
     def _update_buffers(self, mean: Tensor, var: Tensor, values_per_group: int,
                         used: Tensor, available: Optional[Tensor]) -> None:
