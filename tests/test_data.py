@@ -1,6 +1,8 @@
 """Data: CIFAR pickle round trips, image folders, augmentation, batching."""
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,10 +166,20 @@ def test_subset_and_unknown_dataset():
         load_dataset("mnist")
 
 
-def test_real_cifar10_if_present():
+def test_real_cifar10_from_the_shared_copy(tmp_path_factory):
+    """The loader on the real data: data/ if made, else written from ../shared (~30 s)."""
     root = os.path.join(os.path.dirname(__file__), "..", "data")
     if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-        pytest.skip("no CIFAR-10 copy in data/")
+        tool = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools",
+                            "make_cifar10.py")
+        if not os.path.exists(tool):
+            pytest.skip("no CIFAR-10 copy in data/ and no ../shared/tools/make_cifar10.py")
+        root = str(tmp_path_factory.mktemp("cifar"))
+        subprocess.run([sys.executable, tool, root], check=True, capture_output=True)
     ds = load_cifar(root, 10)
     assert ds.train_x.shape == (50000, 3, 32, 32) and ds.test_x.shape == (10000, 3, 32, 32)
     assert torch.bincount(ds.train_y).tolist() == [5000] * 10
+    assert torch.bincount(ds.test_y).tolist() == [1000] * 10
+    # per-channel means of the JPEG copy (shared/data/README.md: 0.4913 0.4821 0.4465)
+    means = ds.train_x[:5000].float().mean((0, 2, 3)) / 255
+    torch.testing.assert_close(means, torch.tensor([0.4913, 0.4821, 0.4465]), atol=0.01, rtol=0)
