@@ -140,7 +140,7 @@ class _BatchKalmanNorm(_GroupedNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if not (self.training or not self.track_running_stats):
+        if not self.training and self.track_running_stats:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
