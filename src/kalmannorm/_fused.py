@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .functional import kalman_update, safe_std, stat_dtype
+
 __all__ = ["fused_available", "kalman_norm_fused"]
 
-_TINY = torch.finfo(torch.float32).tiny
 
 
 def fused_available(x: Tensor) -> bool:
@@ -61,10 +62,6 @@ def fused_available(x: Tensor) -> bool:
         # tensors on CPU; measured 2-3x slower there than the composite form (docs/performance.md).
         return False
     return x.dim() >= 2 and x.numel() > 0
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -97,7 +94,7 @@ def _bn_reduce(grad: Tensor, inp: Tensor, center: Tensor) -> Tuple[Tensor, Tenso
     group). Both inputs must be contiguous. Returns ``[S, m, C]`` tensors in the stat dtype.
     """
     groups, m, channels, length = inp.shape
-    sdt = _stat_dtype(inp.dtype)
+    sdt = stat_dtype(inp.dtype)
     if inp.device.type != "cpu":
         # The CUDA native kernel needs a weight and running buffers; reductions are cheap there.
         g = grad.to(sdt)
@@ -147,7 +144,7 @@ def _affine_into(v: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
 
 def _sum_rows(v: Tensor) -> Tensor:
     """Sum of a ``[S, m, C, L]`` view over rows and positions, ``[S, C]`` in the stat dtype."""
-    sdt = _stat_dtype(v.dtype)
+    sdt = stat_dtype(v.dtype)
     if v.dtype == sdt:
         return v.sum(dim=(1, 3))
     return v.sum(dim=-1, dtype=sdt).sum(dim=1)
@@ -163,7 +160,7 @@ def _moments_into(v: Tensor, scratch: Tensor) -> Tuple[Tensor, Tensor]:
     float32 registers by the BatchNorm backward kernel, never rounding ``v - mean`` to the input
     dtype (relative error about ``1e-7 * (mean / std)^2``).
     """
-    sdt = _stat_dtype(v.dtype)
+    sdt = stat_dtype(v.dtype)
     count = v.shape[1] * v.shape[3]
     if v.dtype == sdt:
         mean = v.sum(dim=(1, 3)) / count  # [S, C]
@@ -184,7 +181,7 @@ def _reduce_grad(g: Tensor, x: Tensor, center: Tensor, scratch: Tensor) -> Tuple
     if g.is_contiguous() and x.is_contiguous():
         total, dot = _bn_reduce(g, x, center)
         return total.sum(dim=1), dot.sum(dim=1)
-    sdt = _stat_dtype(x.dtype)
+    sdt = stat_dtype(x.dtype)
     torch.sub(x, center[:, None, :, None].to(sdt), out=scratch)
     scratch.mul_(g)
     return _sum_rows(g), _sum_rows(scratch)
@@ -197,9 +194,8 @@ class _KalmanNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean_prior, var_prior, config):
         (real_rows, groups, gain, eps, guard_threshold, prior_valid, shadow_prior,
          shadow_rows, normalized, generator, need_graph, detach_prior) = config
-        from . import functional as KF  # functional imports this module lazily
 
-        sdt = _stat_dtype(x.dtype)
+        sdt = stat_dtype(x.dtype)
         x = _dense(x)
         y = torch.empty_like(x)
         xr, yr = _rows(x[:real_rows], groups), _rows(y[:real_rows], groups)  # [S, m, C, L]
@@ -233,7 +229,7 @@ class _KalmanNormFunction(torch.autograd.Function):
         mo, vo, mp, vp, w, b = leaves
         with torch.enable_grad():
             if has_prior:
-                mean, var, used = KF.kalman_update(mo, vo, mp, vp, gain, guard_threshold, valid)
+                mean, var, used = kalman_update(mo, vo, mp, vp, gain, guard_threshold, valid)
             else:
                 mean, var = mo, vo
                 used = torch.zeros((), dtype=torch.bool, device=x.device)
@@ -245,7 +241,7 @@ class _KalmanNormFunction(torch.autograd.Function):
                 shift = shift + b
             zmean = zstd = noise = None
             if shadow_rows:
-                zmean, zstd = mean, var.clamp_min(_TINY).sqrt()
+                zmean, zstd = mean, safe_std(var)
                 if normalized:
                     zmean, zstd = mean * scale + shift, zstd * scale
 

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from .functional import safe_std
 from .modules import _BatchKalmanNorm
 from .prediction import KalmanPredictor
 
@@ -76,7 +77,6 @@ __all__ = [
 
 Moments = Tuple[Tensor, Tensor]
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TINY = torch.finfo(torch.float32).tiny
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def relu_moments(mean: Tensor, var: Tensor) -> Moments:
     >>> relu_moments(torch.zeros(1), torch.ones(1))[0]
     tensor([0.3989])
     """
-    std = var.clamp_min(_TINY).sqrt()
+    std = safe_std(var)
     # Beyond |a| = 40 the cdf is exactly 0 or 1 in any float dtype; the clamp keeps a^2 finite
     # (a zero variance gives a = +-inf) and changes nothing else.
     a = (mean / std).clamp(-40.0, 40.0)

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .records import git_info
+from .records import git_info, versions
 
 __all__ = ["BenchConfig", "run_bench", "write_doc", "add_arguments", "main", "SCHEMA"]
 
@@ -673,17 +673,6 @@ def _machine(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def _versions() -> Dict[str, str]:
-    import numpy
-
-    try:
-        from kalmannorm import __version__ as package_version
-    except ImportError:
-        package_version = "unknown"
-    return dict(kalmannorm=str(package_version), torch=torch.__version__,
-                python=platform.python_version(), numpy=numpy.__version__)
-
-
 def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, Any]:
     """Run the suites of ``config`` and return (and, with ``out_dir``, write) the record."""
     config = resolve(config)
@@ -697,7 +686,7 @@ def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, A
     commit, dirty = git_info()
     record: Dict[str, Any] = dict(
         schema=SCHEMA, label=config.label, config=dataclasses.asdict(config),
-        git_commit=commit, git_dirty=dirty, versions=_versions(), machine=_machine(device),
+        git_commit=commit, git_dirty=dirty, versions=versions(), machine=_machine(device),
         device=device.type, started_at=_now(), results=[],
     )
     record["verify"] = verify_fused(device)

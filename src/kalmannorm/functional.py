@@ -27,6 +27,8 @@ __all__ = [
     "batch_kalman_norm",
     "prior_from_rows",
     "sample_rows",
+    "safe_std",
+    "stat_dtype",
     "update_running_stats",
 ]
 
@@ -36,6 +38,11 @@ _TINY = torch.finfo(torch.float32).tiny
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def safe_std(var: Tensor) -> Tensor:
+    """``sqrt(var)`` whose gradient at a zero variance is zero instead of infinite."""
+    return var.clamp_min(_TINY).sqrt()
 
 
 def _check_groups(x: Tensor, groups: int) -> int:
@@ -214,7 +221,7 @@ def batch_kalman_norm(
     False
     """
     if fused is None or fused:
-        from . import _fused  # lazily: _fused uses kalman_update from this module
+        from . import _fused  # lazily: _fused imports this module
 
         if fused or _fused.fused_available(x):
             m = _check_groups(x, groups)
@@ -300,7 +307,7 @@ def sample_rows(
         generator=generator, device=mean.device, dtype=mean.dtype,
     )
     view = (groups, 1, channels) + (1,) * len(spatial)
-    std = var.clamp_min(_TINY).sqrt()
+    std = safe_std(var)
     z = torch.addcmul(mean.reshape(view), noise, std.reshape(view))  # [S, K, C, *spatial]
     return z.reshape((groups * rows_per_group, channels) + tuple(spatial))
 
