@@ -510,5 +510,5 @@ def test_non_finite_prior_is_rejected_without_nan_gradients():
     y, _ = _kalman_step(layer, state, torch.randn(4, 3, 4, 4), (mean * 1, var * 1))
     y.square().sum().backward()
     assert torch.isfinite(y).all()
-    assert layer.guard_counts.tolist() == [1, 1]  # rejected
+    assert layer.guard_counters.tolist() == [1, 1]  # rejected
     assert torch.equal(mean.grad, torch.zeros(2, 3)) and torch.equal(var.grad, torch.zeros(2, 3))

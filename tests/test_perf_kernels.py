@@ -1,11 +1,11 @@
-"""The fused eager kernel (kalmannorm._fused) equals the composite definitions it replaces."""
+"""The CPU fused backend (kalmannorm.functional.cpu_fused) equals the composite form it replaces."""
 
 import pytest
 import torch
 from torch import nn
 
 import kalmannorm as kn
-from kalmannorm import _fused
+from kalmannorm.functional import cpu_fused
 from kalmannorm import functional as KF
 
 
@@ -80,11 +80,11 @@ def test_gradcheck_fused_shadow_step_float64(propagate):
 
     def f(x, w, b):
         gen = torch.Generator().manual_seed(1)  # the same samples at every evaluation
-        y, mean, var, _, _ = _fused.kalman_norm_fused(
-            x, w, b, real_rows=4, groups=2, gain=0.6, eps=1e-5, guard_threshold=100.0,
-            shadow_prior=True, shadow_rows=1, normalized=propagate == "normalized",
-            generator=gen,
-        )
+        options = KF.StepOptions(real_rows=4, groups=2, gain=0.6, eps=1e-5,
+                                 shadow_rows=1, shadow_prior=True,
+                                 normalized=propagate == "normalized")
+        y, mean, var, _, _ = KF.training_step(x, w, b, options, generator=gen,
+                                              backend="cpu_fused")
         return y, mean, var
 
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -114,9 +114,7 @@ def _model_step(fused, monkeypatch, propagate="raw", channels_last=False, detach
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    with monkeypatch.context() as m:
-        if not fused:
-            m.setattr(_fused, "fused_available", lambda x: False)
+    with kn.use_backend("cpu_fused" if fused else "composite"):
         torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
@@ -169,15 +167,15 @@ def test_fused_bfloat16_statistics_stay_float32():
 
 
 def test_fused_is_not_used_under_compile():
-    assert _fused.fused_available(torch.randn(2, 3))
+    assert KF.resolve_backend(torch.randn(2, 3)) == "cpu_fused"
     seen = []
 
     def f(x):
-        seen.append(_fused.fused_available(x))
+        seen.append(KF.resolve_backend(x))
         return x + 1
 
     torch.compile(f, backend="eager")(torch.randn(2, 3))
-    assert seen == [False]
+    assert seen == ["composite"]
 
 
 def test_double_backward_with_the_composite_form():
@@ -186,3 +184,57 @@ def test_double_backward_with_the_composite_form():
     (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
     g.sum().backward()
     assert x.grad is not None
+
+
+def test_double_backward_through_the_fused_kernel_names_the_way_out():
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = KF.batch_kalman_norm(x, None, None, None, groups=2, backend="cpu_fused")[0]
+    with pytest.raises(RuntimeError, match=r"use_backend\('composite'\)"):
+        torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,rows_per_group", [((8, 6), 4), ((8, 6, 1, 1), 1), ((8, 6, 1, 1), 3),
+                                                  ((8, 6, 1), 2)])
+def test_fused_equals_composite_at_one_position_per_row(dtype, shape, rows_per_group):
+    """Regression (issue 8, defect 1): rows with one value per channel ([N, C], [N, C, 1, 1])
+    once made the fused backward read an expanded stride-0 centre past its end, so gradients
+    were wrong and changed from run to run. Many repetitions, since the error depended on
+    memory contents."""
+    layer_cls = {2: kn.BatchKalmanNorm1d, 3: kn.BatchKalmanNorm1d, 4: kn.BatchKalmanNorm2d}
+    cls = layer_cls[len(shape)]
+
+    def runs(backend, run_dtype):
+        out = []
+        for rep in range(8):
+            torch.manual_seed(rep)
+            model = kn.KalmanPredictor(nn.Sequential(cls(6, micro_batch=2), nn.ReLU(),
+                                                     cls(6, micro_batch=2)),
+                                       rows_per_group=rows_per_group).to(run_dtype)
+            x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(run_dtype).requires_grad_()
+            with kn.use_backend(backend):
+                torch.manual_seed(100 + rep)
+                y = model(x)
+                (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64)
+                 .view(y.shape)).sum().backward()
+            out.append([y.detach(), x.grad] + [p.grad for p in model.parameters()])
+        return out
+
+    def max_error(run, ref):
+        # relative to the largest entry, at least 1: some gradients here are zero in exact
+        # arithmetic (two values per group normalize to +-1 whatever x is)
+        return max(float((a.double() - b.double()).abs().max()
+                         / b.double().abs().max().clamp_min(1.0)) for a, b in zip(run, ref))
+
+    fused, composite = runs("cpu_fused", dtype), runs("composite", dtype)
+    for run in fused:
+        assert all(torch.isfinite(t).all() for t in run)
+    if dtype == torch.bfloat16:
+        # Both forms round differently; each must be as close to the float64 result as the other.
+        exact = runs("composite", torch.float64)
+        for f, c, e in zip(fused, composite, exact):
+            assert max_error(f, e) <= max(2 * max_error(c, e), 0.02)
+    else:
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
+        for f, c in zip(fused, composite):
+            assert max_error(f, c) < tol

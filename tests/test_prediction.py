@@ -109,12 +109,11 @@ def reference_forward(net, x, groups, gain):
     return net.linear(F.relu(h).mean((2, 3))), stats
 
 
-@pytest.fixture(params=["fused", "composite"])
-def kernel(request, monkeypatch):
+@pytest.fixture(params=["cpu_fused", "composite"])
+def kernel(request):
     """Run a test on the fused eager kernel and on the composite functional form."""
-    if request.param == "composite":
-        monkeypatch.setattr(kn._fused, "fused_available", lambda x: False)
-    return request.param
+    with kn.use_backend(request.param):
+        yield request.param
 
 
 def test_shadow_rows_match_the_hand_threaded_reference(kernel):

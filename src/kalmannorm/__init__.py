@@ -10,6 +10,7 @@ Micro-Batches" (arXiv 1802.03133; NeurIPS 2018 as "Kalman Normalization").
 from . import functional
 from .analytic import AnalyticKalmanPredictor
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .functional.dispatch import get_backend, set_backend, use_backend
 from .convert import convert_batchnorm, to_batchnorm
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 from .norms import GroupNorm, InstanceNorm, LayerNorm, get_norm_layer, norm_names, register_norm
@@ -27,4 +28,5 @@ __all__ = [
     "get_norm_layer", "norm_names", "register_norm",
     "guard_counts", "has_kalman_layers",
     "functional",
+    "set_backend", "get_backend", "use_backend",
 ]

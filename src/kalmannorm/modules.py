@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from . import _fused
 from . import functional as KF
 
 __all__ = ["BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "PROPAGATE_MODES",
@@ -117,10 +116,10 @@ class _BatchKalmanNorm(_GroupedNorm):
         self.detach_prior = detach_prior
         self.propagate = propagate
         self.running_stats = running_stats
-        # [fallbacks, priors seen]: how often the guard rejected an available prior. Not part of
-        # the state dict, so BatchNorm checkpoints load unchanged.
+        # [fallbacks, priors offered]: how often the guard rejected an available prior. Not part
+        # of the state dict, so BatchNorm checkpoints load unchanged.
         self.register_buffer(
-            "guard_counts", torch.zeros(2, dtype=torch.long, device=device), persistent=False
+            "guard_counters", torch.zeros(2, dtype=torch.long, device=device), persistent=False
         )
         # Set by KalmanPredictor, which owns the per-pass state; None when used alone.
         self._shadow_batch = None
@@ -132,11 +131,6 @@ class _BatchKalmanNorm(_GroupedNorm):
             f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
             f"propagate={self.propagate!r}, running_stats={self.running_stats!r}"
         )
-
-    def _momentum(self) -> float:
-        if self.momentum is not None:
-            return self.momentum
-        return 1.0 / float(self.num_batches_tracked)  # cumulative average, as BatchNorm
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -157,54 +151,36 @@ class _BatchKalmanNorm(_GroupedNorm):
                 )
             return self.forward_with_prior(x, None, self._groups(x.shape[0]))[0]
 
-        real, shadow, groups = shadow_batch.split(x, self)
-        if _fused.fused_available(x):
-            # One autograd node for prior, update, normalization and samples: no slices of x,
-            # no cat (see kalmannorm._fused); same result as the composite steps below.
-            y = self._forward_shadow_fused(
-                x, real.shape[0], groups, shadow.shape[0] // groups,
-                shadow_batch.has_predecessor and self.gain > 0, shadow_batch.generator,
-            )
-            shadow_batch.has_predecessor = True
-            return y
-        prior, prior_valid = None, None
-        if shadow_batch.has_predecessor and self.gain > 0:
-            mean_prior, var_prior, prior_valid = KF.prior_from_rows(shadow, groups)
-            prior = (mean_prior, var_prior)
-        y, mean, var = self.forward_with_prior(real, prior, groups, prior_valid)
-        shadow_out = KF.sample_rows(
-            mean, var, shadow.shape[0] // groups, tuple(shadow.shape[2:]),
-            generator=shadow_batch.generator,
+        real_rows, groups = shadow_batch.split(x, self)
+        use_prior = shadow_batch.has_predecessor and self.gain > 0
+        result = self._step(
+            x, real_rows, groups, shadow_rows=(x.shape[0] - real_rows) // groups,
+            shadow_prior=use_prior, generator=shadow_batch.generator,
         )
-        if self.propagate == "normalized":
-            shadow_out = KF.normalize(shadow_out, mean, var, self.weight, self.bias, self.eps)
         shadow_batch.has_predecessor = True
-        return torch.cat([y, shadow_out.to(y.dtype)])
+        return result.y
 
-    def _update_buffers(self, mean: Tensor, var: Tensor, values_per_group: int,
-                        used: Tensor, available: Optional[Tensor]) -> None:
-        """Running averages and guard counters after a training step."""
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            KF.update_running_stats(
-                self.running_mean, self.running_var, mean, var, self._momentum(),
-                values_per_group, group0_only=self.running_stats == "group0",
-            )
-            if available is not None:
-                with torch.no_grad():
-                    self.guard_counts.add_(torch.stack([available & ~used, available]).long())
-
-    def _forward_shadow_fused(self, x: Tensor, real_rows: int, groups: int, shadow_rows: int,
-                              use_prior: bool, generator) -> Tensor:
+    def _step(self, x: Tensor, real_rows: int, groups: int, *, shadow_rows: int = 0,
+              shadow_prior: bool = False, prior: Optional[Tuple[Tensor, Tensor]] = None,
+              prior_valid: Optional[Tensor] = None, generator=None) -> KF.StepResult:
+        """One training step through the functional core, then the buffers."""
         values_per_group = self._values_per_group(x[:real_rows], groups)
-        y, mean, var, used, available = _fused.kalman_norm_fused(
-            x, self.weight, self.bias, real_rows=real_rows, groups=groups, gain=self.gain,
-            eps=self.eps, guard_threshold=self.guard_threshold, shadow_prior=use_prior,
-            shadow_rows=shadow_rows, normalized=self.propagate == "normalized",
-            generator=generator, detach_prior=self.detach_prior,
+        options = KF.StepOptions(
+            real_rows=real_rows, groups=groups, gain=self.gain, eps=self.eps,
+            guard_threshold=self.guard_threshold, shadow_rows=shadow_rows,
+            shadow_prior=shadow_prior, normalized=self.propagate == "normalized",
+            detach_prior=self.detach_prior,
         )
-        self._update_buffers(mean, var, values_per_group, used, available if use_prior else None)
-        return y
+        result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
+                                  generator)
+        if self.training:
+            track = self.track_running_stats
+            KF.update_buffers(
+                self.running_mean if track else None, self.running_var if track else None,
+                self.num_batches_tracked if track else None, self.guard_counters, result,
+                self.momentum, values_per_group, group0_only=self.running_stats == "group0",
+            )
+        return result
 
     def forward_with_prior(
         self,
@@ -221,16 +197,8 @@ class _BatchKalmanNorm(_GroupedNorm):
         Returns:
             ``(y, mean, var)``: the output and the combined statistics ``[S, C]``.
         """
-        values_per_group = self._values_per_group(x, groups)
-        y, mean, var, used = KF.batch_kalman_norm(
-            x, prior, self.weight, self.bias, groups=groups, gain=self.gain, eps=self.eps,
-            guard_threshold=self.guard_threshold, detach_prior=self.detach_prior,
-            prior_valid=prior_valid,
-        )
-        # A prior with zero variance everywhere is no prior (not counted by the guard counters).
-        available = None if prior is None else (prior[1] != 0).any()
-        self._update_buffers(mean, var, values_per_group, used, available)
-        return y, mean, var
+        result = self._step(x, x.shape[0], groups, prior=prior, prior_valid=prior_valid)
+        return result.y, result.mean, result.var
 
 
 _DOC_OPTIONS = """

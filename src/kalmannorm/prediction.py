@@ -62,8 +62,8 @@ class ShadowBatch:
     def total_rows(self) -> int:
         return self.real_rows + self.groups * self.rows_per_group
 
-    def split(self, x: Tensor, layer: nn.Module) -> Tuple[Tensor, Tensor, int]:
-        """Split a layer's input into real rows, shadow rows and the number of groups.
+    def split(self, x: Tensor, layer: nn.Module) -> Tuple[int, int]:
+        """The real rows of a layer's input (the rest are shadow rows) and the number of groups.
 
         An input whose rows are a multiple ``t`` of the batch's (time folded into the batch, as
         video models do) holds ``t * N`` real rows followed by ``t * S * K`` shadow rows.
@@ -76,8 +76,7 @@ class ShadowBatch:
                 "inside a KalmanPredictor a BKN layer must receive tensors computed row by row "
                 "from the batch"
             )
-        real = (rows // total) * self.real_rows
-        return x[:real], x[real:], self.groups
+        return (rows // total) * self.real_rows, self.groups
 
 
 def has_kalman_layers(module: nn.Module) -> bool:
@@ -95,7 +94,7 @@ def guard_counts(module: nn.Module) -> dict:
     total = torch.zeros(2, dtype=torch.long)
     for m in module.modules():
         if isinstance(m, _BatchKalmanNorm):
-            total += m.guard_counts.cpu()
+            total += m.guard_counters.cpu()
     return {"fallbacks": int(total[0]), "priors": int(total[1])}
 
 

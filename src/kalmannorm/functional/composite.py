@@ -1,4 +1,4 @@
-"""Functional core of Batch Kalman Normalization (BKN).
+"""The composite form of Batch Kalman Normalization: the reference math, in torch ops.
 
 Follows Wang et al., "Batch Kalman Normalization: Towards Training Deep Neural Networks with
 Micro-Batches" (arXiv 1802.03133), as restated in ``docs/method.md`` of this project: statistics
@@ -6,33 +6,83 @@ per (micro-batch group, channel), the predict/update step with its cross term, t
 released code, and the sampled prediction that carries statistics from one layer to the next.
 
 Every function here is pure: tensors and flags in, tensors out. Statistics are float32 whatever
-the input dtype; outputs keep the input dtype. The modules in :mod:`kalmannorm.modules` only own
-parameters and buffers and choose the mode.
+the input dtype (float64 stays float64); outputs keep the input dtype. :func:`training_step` is
+the whole training step of one layer written with these functions; the other backends
+(:mod:`.cpu_fused`, :mod:`.triton_ops`) compute the same step with fewer passes and are tested
+against it. Autograd differentiates this form to any order.
 
 Shapes: ``x`` is ``[N, C, *spatial]``; its ``N`` rows split into ``S`` contiguous groups of
 ``m = N / S`` rows (row ``i`` belongs to group ``i // m``); statistics are ``[S, C]``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "StepOptions",
+    "StepResult",
     "group_moments",
     "kalman_update",
     "group_affine",
     "normalize",
-    "batch_kalman_norm",
     "prior_from_rows",
     "sample_rows",
     "safe_std",
     "stat_dtype",
     "update_running_stats",
+    "training_step",
 ]
 
 _TINY = torch.finfo(torch.float32).tiny
+
+
+class StepOptions(NamedTuple):
+    """What one training step of a BKN layer computes (the flags every backend takes).
+
+    Attributes:
+        real_rows: ``N``, the rows of the batch; rows after them are shadow rows.
+        groups: ``S``, statistics groups of the real rows (contiguous, ``N / S`` rows each).
+        gain: ``p`` in ``[0, 1]``, the weight on the prior.
+        eps: added to the variance.
+        guard_threshold: see :func:`kalman_update`.
+        shadow_rows: ``K``, shadow rows per group written into the output (0: none).
+        shadow_prior: take the prior from the moments of the incoming shadow rows.
+        normalized: the shadow rows carry samples of the normalized output (``"normalized"``
+            propagation) instead of the combined statistics of the raw input.
+        detach_prior: no gradient through the prior.
+    """
+
+    real_rows: int
+    groups: int
+    gain: float = 0.9
+    eps: float = 1e-5
+    guard_threshold: float = 100.0
+    shadow_rows: int = 0
+    shadow_prior: bool = False
+    normalized: bool = False
+    detach_prior: bool = False
+
+
+class StepResult(NamedTuple):
+    """The outputs of one training step.
+
+    Attributes:
+        y: the output, shadow rows included; ``x``'s shape and dtype.
+        mean, var: combined statistics ``[S, C]`` (float32, float64 for float64 inputs), the
+            start of the next layer's prediction.
+        used: 0-dim bool tensor, whether the prior was used.
+        available: 0-dim bool tensor, whether a prior was offered with a variance not zero
+            everywhere (what the guard counters count).
+    """
+
+    y: Tensor
+    mean: Tensor
+    var: Tensor
+    used: Tensor
+    available: Tensor
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,7 +126,7 @@ def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     m = _check_groups(x, groups)
     channels = x.shape[1]
     # Two passes (sum, then centred squares): exact like Welford's ``var_mean`` but several times
-    # faster on CPU, and the same ops as the fused kernel (kalmannorm._fused), so both paths give
+    # faster on CPU, and the same ops as the fused kernel (:mod:`.cpu_fused`), so both paths give
     # bit-identical statistics for float32/float64 inputs.
     rows = x.to(stat_dtype(x.dtype)).reshape(groups, m, channels, -1)  # [S, m, C, L]
     count = m * rows.shape[-1]
@@ -176,89 +226,6 @@ def normalize(
     return group_affine(x, scale, shift)
 
 
-def batch_kalman_norm(
-    x: Tensor,
-    prior: Optional[Tuple[Tensor, Tensor]],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    *,
-    groups: int = 1,
-    gain: float = 0.9,
-    eps: float = 1e-5,
-    guard_threshold: float = 100.0,
-    detach_prior: bool = False,
-    prior_valid: Optional[Tensor] = None,
-    fused: Optional[bool] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Batch Kalman Normalization of one layer in training mode.
-
-    Observes per-group statistics of ``x``, combines them with ``prior`` by
-    :func:`kalman_update` and normalizes with the combined statistics. Without a prior (the first
-    layer of a path) or with ``gain = 0`` it is exactly per-group BatchNorm.
-
-    Args:
-        x: ``[N, C, *spatial]``.
-        prior: ``(mean_prior, var_prior)``, each ``[S, C]``, or ``None``.
-        weight, bias: ``[C]`` or ``None``.
-        groups: ``S``, number of statistics groups (contiguous rows). Default: 1.
-        gain: weight ``p`` on the prior. Default: 0.9.
-        eps: added to the variance. Default: 1e-5.
-        guard_threshold: see :func:`kalman_update`. Default: 100.
-        detach_prior: stop gradients through the prior (an ablation; the released code
-            back-propagates through it). Default: ``False``.
-        prior_valid: optional 0-dim bool tensor; false rejects the prior.
-        fused: compute the same result with the fused eager kernel of
-            :mod:`kalmannorm._fused` (one autograd node, first-order gradients only); ``None``
-            picks it in eager mode and the composite form under ``torch.compile``; ``False`` for
-            double backward. Default: ``None``.
-
-    Returns:
-        ``(y, mean, var, used_prior)``: the normalized ``x``, the combined float32 statistics
-        ``[S, C]`` that the next layer's prediction starts from, and whether the prior was used.
-
-    >>> y, mean, var, used = batch_kalman_norm(torch.randn(8, 3, 4, 4), None, None, None, groups=4)
-    >>> bool(used)
-    False
-    """
-    if fused is None or fused:
-        from . import _fused  # lazily: _fused imports this module
-
-        if fused or _fused.fused_available(x):
-            m = _check_groups(x, groups)
-            if prior is not None:
-                shape = (groups, x.shape[1])
-                if tuple(prior[0].shape) != shape or tuple(prior[1].shape) != shape:
-                    raise ValueError(
-                        f"prior statistics must have shape {shape} [groups, channels] "
-                        f"(got {tuple(prior[0].shape)} and {tuple(prior[1].shape)})"
-                    )
-                if detach_prior:
-                    prior = (prior[0].detach(), prior[1].detach())
-            y, mean, var, used, _ = _fused.kalman_norm_fused(
-                x, weight, bias, real_rows=groups * m, groups=groups, gain=gain, eps=eps,
-                guard_threshold=guard_threshold, prior=prior, prior_valid=prior_valid,
-            )
-            return y, mean, var, used
-    mean_obs, var_obs = group_moments(x, groups)
-    if prior is None:
-        mean, var, used = mean_obs, var_obs, torch.zeros((), dtype=torch.bool, device=x.device)
-    else:
-        mean_prior, var_prior = prior
-        if mean_prior.shape != mean_obs.shape or var_prior.shape != var_obs.shape:
-            raise ValueError(
-                f"prior statistics must have shape {tuple(mean_obs.shape)} [groups, channels] "
-                f"(got {tuple(mean_prior.shape)} and {tuple(var_prior.shape)})"
-            )
-        if detach_prior:
-            mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
-        mean, var, used = kalman_update(
-            mean_obs, var_obs, mean_prior.to(mean_obs.dtype), var_prior.to(var_obs.dtype), gain,
-            guard_threshold,
-            prior_valid,
-        )
-    return normalize(x, mean, var, weight, bias, eps), mean, var, used
-
-
 def prior_from_rows(rows: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Predicted statistics from the shadow rows of each group (method.md section 4).
 
@@ -344,3 +311,46 @@ def update_running_stats(
         new_var = torch.lerp(running_var.to(stat_var.dtype), stat_var, momentum)
         running_mean.copy_(torch.where(finite, new_mean, running_mean.to(new_mean.dtype)))
         running_var.copy_(torch.where(finite, new_var, running_var.to(new_var.dtype)))
+
+
+def training_step(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    options: StepOptions,
+    prior: Optional[Tuple[Tensor, Tensor]] = None,
+    prior_valid: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> StepResult:
+    """One BKN training step in composite form (see :class:`StepOptions`).
+
+    The real rows are normalized with the observed statistics combined with the prior (supplied,
+    or the moments of the incoming shadow rows); the output's shadow rows are fresh samples of
+    the combined statistics (method.md section 4).
+    """
+    o = options
+    real = x[: o.real_rows]
+    if o.shadow_prior:
+        mean_prior, var_prior, prior_valid = prior_from_rows(x[o.real_rows:], o.groups)
+        prior = (mean_prior, var_prior)
+    mean_obs, var_obs = group_moments(real, o.groups)
+    if prior is None:
+        mean, var = mean_obs, var_obs
+        used = available = torch.zeros((), dtype=torch.bool, device=x.device)
+    else:
+        mean_prior, var_prior = prior
+        if o.detach_prior:
+            mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
+        mean, var, used = kalman_update(
+            mean_obs, var_obs, mean_prior.to(mean_obs.dtype), var_prior.to(var_obs.dtype),
+            o.gain, o.guard_threshold, prior_valid,
+        )
+        # A prior with zero variance everywhere is no prior (not counted by the guard counters).
+        available = (var_prior != 0).any()
+    y = normalize(real, mean, var, weight, bias, o.eps)
+    if o.shadow_rows:
+        samples = sample_rows(mean, var, o.shadow_rows, tuple(x.shape[2:]), generator=generator)
+        if o.normalized:
+            samples = normalize(samples, mean, var, weight, bias, o.eps)
+        y = torch.cat([y, samples.to(y.dtype)])
+    return StepResult(y, mean, var, used, available)

@@ -1,9 +1,8 @@
-"""Fused eager kernel of the Batch Kalman Normalization training step (a performance detail).
+"""The ``cpu_fused`` backend: one eager autograd node for a BKN training step on the CPU.
 
 Wang et al., "Batch Kalman Normalization" (arXiv 1802.03133), method.md sections 3, 4 and 7.
-:func:`kalmannorm.functional.batch_kalman_norm` and the shadow-row step of the BKN layers compute
-exactly what their composite definitions in :mod:`kalmannorm.functional` compute, but written as
-torch ops the composite forms cost 3-10x a BatchNorm on CPU: ``var_mean`` is a slow Welford pass,
+It computes exactly what :func:`.composite.training_step` computes, but written as
+torch ops the composite form costs 3-10x a BatchNorm on CPU: ``var_mean`` is a slow Welford pass,
 every full-size temporary (``x.float()``, the float32 affine result, slices of the shadow rows,
 ``torch.cat``) is a fresh allocation that the CPU allocator pays in page faults, and autograd
 replays all of it backwards. Here one :class:`torch.autograd.Function` does the whole layer:
@@ -20,48 +19,53 @@ The full-size tensors touched are those of a BatchNorm (input, output, gradients
 shadow rows' noise, which the reparameterised sample needs for its gradient as the composite
 form does. Statistics are float32 (float64 for float64 inputs) whatever the input dtype.
 
-The kernel is first-order (``once_differentiable``) and is used in eager mode only; under
-``torch.compile`` the composite form is traced (the compiler fuses it itself), and
-``fused=False`` in :func:`kalmannorm.functional.batch_kalman_norm` picks the composite form for
-double backward.
+The kernel is first-order and is used in eager mode only; under ``torch.compile`` the composite
+form is traced (the compiler fuses it itself). Double backward needs the composite backend
+(``kalmannorm.use_backend("composite")``); the backward says so when a higher-order graph is
+requested.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .functional import kalman_update, safe_std, stat_dtype
+from .composite import StepOptions, StepResult, kalman_update, safe_std, stat_dtype
 
-__all__ = ["fused_available", "kalman_norm_fused"]
-
+__all__ = ["supports", "preferred", "training_step"]
 
 
-def fused_available(x: Tensor) -> bool:
-    """Whether the fused kernel applies: eager mode on the CPU and a dense layout it handles.
+def first_order_only(backend: str) -> None:
+    """Raise if a backward runs with grad mode on (``create_graph=True``): it is first-order."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the {backend!r} kernels of kalmannorm compute first-order gradients only; for "
+            "double backward (create_graph=True, e.g. a gradient penalty) run the forward under "
+            "kalmannorm.use_backend('composite')"
+        )
 
-    ``KALMANNORM_FUSED=0`` in the environment turns it off (the composite form computes the
-    same result), an escape hatch for a platform where the fused kernel fails.
-    """
+
+def supports(x: Tensor) -> bool:
+    """Whether this kernel can compute a step on ``x``: eager mode, a floating dtype, at least
+    one value (it also runs on CUDA, where the ``triton`` backend is the fast one)."""
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
-        return False
-    if os.environ.get("KALMANNORM_FUSED", "1") == "0":
-        return False
-    if x.device.type != "cpu":
-        # Measured on an H100 (docs/performance.md): launch-bound there, and the composite form
-        # is faster than this kernel; the kernel's savings are CPU memory passes.
         return False
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) \
-            and not x.is_contiguous():
-        # The generic (channels-last) path of this kernel needs float32 copies of half-precision
-        # tensors on CPU; measured 2-3x slower there than the composite form (docs/performance.md).
-        return False
     return x.dim() >= 2 and x.numel() > 0
+
+
+def preferred(x: Tensor) -> bool:
+    """Whether ``"auto"`` picks this kernel for ``x``: where it was measured faster than the
+    composite form (docs/performance.md): the CPU, except half precision in channels-last."""
+    if x.device.type != "cpu" or not supports(x):
+        # On an H100 the composite form was faster than this kernel (launch-bound there); the
+        # kernel's savings are CPU memory passes.
+        return False
+    # The generic (channels-last) path needs float32 copies of half-precision tensors on CPU;
+    # measured 2-3x slower there than the composite form.
+    return not (x.dtype in (torch.bfloat16, torch.float16) and not x.is_contiguous())
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -100,7 +104,9 @@ def _bn_reduce(grad: Tensor, inp: Tensor, center: Tensor) -> Tuple[Tensor, Tenso
         g = grad.to(sdt)
         return g.sum(-1), (g * (inp.to(sdt) - center.to(sdt)[:, None, :, None])).sum(-1)
     rows = groups * m * channels
-    mean = center.to(sdt)[:, None, :].expand(groups, m, channels).reshape(rows)
+    # contiguous: the kernel reads ``save_mean`` as dense memory, and a stride-0 view (an
+    # expanded zero centre) would be read past its end
+    mean = center.to(sdt)[:, None, :].expand(groups, m, channels).reshape(rows).contiguous()
     ones = torch.ones(rows, dtype=sdt, device=inp.device)
     _, dot, total = torch.ops.aten.native_batch_norm_backward(
         grad.view(1, rows, length), inp.view(1, rows, length), None, None, None, mean, ones,
@@ -191,9 +197,10 @@ class _KalmanNormFunction(torch.autograd.Function):
     """The BKN training step of one layer, with or without shadow rows; see the module doc."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_prior, var_prior, config):
-        (real_rows, groups, gain, eps, guard_threshold, prior_valid, shadow_prior,
-         shadow_rows, normalized, generator, need_graph, detach_prior) = config
+    def forward(ctx, x, weight, bias, mean_prior, var_prior, options: StepOptions, prior_valid,
+                generator, need_graph):
+        (real_rows, groups, gain, eps, guard_threshold, shadow_rows, shadow_prior, normalized,
+         detach_prior) = options
 
         sdt = stat_dtype(x.dtype)
         x = _dense(x)
@@ -270,8 +277,8 @@ class _KalmanNormFunction(torch.autograd.Function):
         return y, mean.detach(), var.detach(), used, available
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_mean, grad_var, _grad_used, _grad_available):
+        first_order_only("cpu_fused")
         real_rows, groups, count, shadow_prior, shadow_rows, has_prior = ctx.config
         leaves, scale, shift, zmean, zstd, mean, var, valid = ctx.graph
         mo = leaves[0]
@@ -359,48 +366,25 @@ class _KalmanNormFunction(torch.autograd.Function):
         grad_mp = grad_vp = None
         if has_prior and not shadow_prior:
             grad_mp, grad_vp = g_mp.to(mp_dtype), g_vp.to(vp_dtype)
-        return dx, grad_w, grad_b, grad_mp, grad_vp, None
+        return dx, grad_w, grad_b, grad_mp, grad_vp, None, None, None, None
 
 
-def kalman_norm_fused(
+def training_step(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    *,
-    real_rows: int,
-    groups: int,
-    gain: float,
-    eps: float,
-    guard_threshold: float,
+    options: StepOptions,
     prior: Optional[Tuple[Tensor, Tensor]] = None,
     prior_valid: Optional[Tensor] = None,
-    shadow_prior: bool = False,
-    shadow_rows: int = 0,
-    normalized: bool = False,
     generator: Optional[torch.Generator] = None,
-    detach_prior: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One BKN training step, fused; the arguments of ``batch_kalman_norm`` plus the shadow rows.
-
-    Args:
-        x: ``[real_rows + S * shadow_rows, C, *spatial]``; the first ``real_rows`` rows are the
-            batch (``S = groups`` contiguous groups), the rest ``shadow_rows`` rows per group.
-        prior: ``(mean_prior, var_prior)`` ``[S, C]`` supplied by the caller, or ``None``.
-        shadow_prior: take the prior from the moments of the incoming shadow rows instead.
-        shadow_rows: ``K``; the output's shadow rows are ``K`` fresh samples per group of the
-            combined statistics (``normalized``: after this layer's normalization and affine).
-        detach_prior: no gradient through the prior (a supplied one or the shadow rows').
-
-    Returns:
-        ``(y, mean, var, used, available)``: as :func:`kalmannorm.functional.batch_kalman_norm`
-        with ``y`` including the shadow rows, and whether a prior was available (its variance
-        not zero everywhere), for the layer's guard counters.
-    """
+) -> StepResult:
+    """One BKN training step, fused; same arguments and result as
+    :func:`.composite.training_step`."""
     mean_prior, var_prior = prior if prior is not None else (None, None)
-    inputs = [x, weight, bias, mean_prior, var_prior]
+    if prior is not None and options.detach_prior:
+        mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
     need_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in inputs
+        t is not None and t.requires_grad for t in (x, weight, bias, mean_prior, var_prior)
     )
-    config = (real_rows, groups, float(gain), float(eps), float(guard_threshold), prior_valid,
-              shadow_prior, shadow_rows, normalized, generator, need_graph, detach_prior)
-    return _KalmanNormFunction.apply(x, weight, bias, mean_prior, var_prior, config)
+    return StepResult(*_KalmanNormFunction.apply(
+        x, weight, bias, mean_prior, var_prior, options, prior_valid, generator, need_graph))

@@ -1,0 +1,121 @@
+"""Functional core of Batch Kalman Normalization (BKN): the math, and the one kernel switch.
+
+Follows Wang et al., "Batch Kalman Normalization: Towards Training Deep Neural Networks with
+Micro-Batches" (arXiv 1802.03133), as restated in ``docs/method.md``. The pure functions below
+come from :mod:`.composite` (the reference form); :func:`batch_kalman_norm` and
+:func:`training_step` run a whole training step through the backend that
+:mod:`.dispatch` picks (``composite``, ``cpu_fused`` or ``triton``). The modules in
+:mod:`kalmannorm.modules` own parameters and buffers and call these functions; they never choose
+a kernel themselves.
+
+Shapes: ``x`` is ``[N, C, *spatial]``; its ``N`` rows split into ``S`` contiguous groups of
+``m = N / S`` rows (row ``i`` belongs to group ``i // m``); statistics are ``[S, C]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .composite import (
+    StepOptions,
+    StepResult,
+    group_affine,
+    group_moments,
+    kalman_update,
+    normalize,
+    prior_from_rows,
+    safe_std,
+    sample_rows,
+    stat_dtype,
+    update_running_stats,
+)
+from .composite import _check_groups
+from .dispatch import (
+    BACKENDS,
+    get_backend,
+    resolve_backend,
+    set_backend,
+    training_step,
+    update_buffers,
+    use_backend,
+)
+
+__all__ = [
+    "group_moments",
+    "kalman_update",
+    "group_affine",
+    "normalize",
+    "batch_kalman_norm",
+    "prior_from_rows",
+    "sample_rows",
+    "safe_std",
+    "stat_dtype",
+    "update_running_stats",
+    "training_step",
+    "update_buffers",
+    "StepOptions",
+    "StepResult",
+    "BACKENDS",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "resolve_backend",
+]
+
+
+def batch_kalman_norm(
+    x: Tensor,
+    prior: Optional[Tuple[Tensor, Tensor]],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    *,
+    groups: int = 1,
+    gain: float = 0.9,
+    eps: float = 1e-5,
+    guard_threshold: float = 100.0,
+    detach_prior: bool = False,
+    prior_valid: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    fused: Optional[bool] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch Kalman Normalization of one layer in training mode.
+
+    Observes per-group statistics of ``x``, combines them with ``prior`` by
+    :func:`kalman_update` and normalizes with the combined statistics. Without a prior (the first
+    layer of a path) or with ``gain = 0`` it is exactly per-group BatchNorm.
+
+    Args:
+        x: ``[N, C, *spatial]``.
+        prior: ``(mean_prior, var_prior)``, each ``[S, C]``, or ``None``.
+        weight, bias: ``[C]`` or ``None``.
+        groups: ``S``, number of statistics groups (contiguous rows). Default: 1.
+        gain: weight ``p`` on the prior. Default: 0.9.
+        eps: added to the variance. Default: 1e-5.
+        guard_threshold: see :func:`kalman_update`. Default: 100.
+        detach_prior: stop gradients through the prior (an ablation; the released code
+            back-propagates through it). Default: ``False``.
+        prior_valid: optional 0-dim bool tensor; false rejects the prior.
+        backend: the kernels (see :mod:`.dispatch`); ``None`` for the one in force.
+        fused: the older switch: ``True`` is ``backend="cpu_fused"``, ``False`` is
+            ``backend="composite"``. Default: ``None``.
+
+    Returns:
+        ``(y, mean, var, used_prior)``: the normalized ``x``, the combined float32 statistics
+        ``[S, C]`` that the next layer's prediction starts from, and whether the prior was used.
+
+    >>> y, mean, var, used = batch_kalman_norm(torch.randn(8, 3, 4, 4), None, None, None, groups=4)
+    >>> bool(used)
+    False
+    """
+    if fused is not None and backend is None:
+        backend = "cpu_fused" if fused else "composite"
+    _check_groups(x, groups)
+    if not 0.0 <= gain <= 1.0:
+        raise ValueError(f"gain must be in [0, 1] (got {gain})")
+    options = StepOptions(real_rows=x.shape[0], groups=groups, gain=float(gain), eps=float(eps),
+                          guard_threshold=float(guard_threshold), detach_prior=detach_prior)
+    y, mean, var, used, _ = training_step(x, weight, bias, options, prior, prior_valid,
+                                          backend=backend)
+    return y, mean, var, used
