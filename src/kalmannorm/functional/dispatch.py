@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import composite, cpu_fused
+from . import composite, cpu_fused, triton_ops
 from .composite import StepOptions, StepResult
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
@@ -35,11 +35,12 @@ BACKENDS = ("auto", "composite", "cpu_fused", "triton")
 _SUPPORTS = {
     "composite": lambda x: True,
     "cpu_fused": cpu_fused.supports,
-    "triton": lambda x: False,
+    "triton": triton_ops.supports,
 }
 _STEP = {
     "composite": composite.training_step,
     "cpu_fused": cpu_fused.training_step,
+    "triton": triton_ops.training_step,
 }
 _chosen: dict = {"name": None}  # set_backend's choice; None: the environment's, else "auto"
 
@@ -93,7 +94,7 @@ def resolve_backend(x: Tensor, name: Optional[str] = None) -> str:
     for ``"auto"`` the first of ``triton``, ``cpu_fused``, ``composite`` that supports ``x``."""
     name = get_backend() if name is None else _check_name(name)
     if name == "auto":
-        if _SUPPORTS["triton"](x):
+        if x.is_cuda and triton_ops.supports(x):
             return "triton"
         if (torch.compiler.is_compiling() or os.environ.get("KALMANNORM_FUSED", "1") != "0") \
                 and cpu_fused.preferred(x):
@@ -159,6 +160,11 @@ def update_buffers(
     (:func:`~.composite.update_running_stats`, ``momentum=None`` a cumulative average) and the
     guard counters ``[fallbacks, priors offered]``, all in place and without host sync on CUDA.
     """
+    if triton_ops.supports_buffers(step.mean) and get_backend() in ("auto", "triton") and (
+            step.mean.is_cuda or get_backend() == "triton"):
+        triton_ops.update_buffers(running_mean, running_var, num_batches_tracked,
+                                  guard_counters, step, momentum, count, group0_only)
+        return
     with torch.no_grad():
         if running_mean is not None:
             num_batches_tracked.add_(1)

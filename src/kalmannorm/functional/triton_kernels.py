@@ -1,0 +1,376 @@
+"""Triton kernels of the BKN training step (method.md sections 3 and 4; docs/gpu.md).
+
+Imported only where ``triton`` is installed (see :mod:`.triton_ops`, which launches them). One
+program owns a *slab*: the rows of one statistics group ``s`` (``m`` real rows, ``K`` shadow
+rows) for a block of ``BC`` channels, all positions. Everything a slab needs is local to it
+except the layer-wide guard decision (a mean over all ``[S, C]``), the running buffers and
+dweight/dbias (sums over ``S``):
+
+- ``stats_kernel``: two-pass float32 moments of the real rows and of the prior (shadow rows with
+  non-finite values zeroed and counted, or a supplied prior), and one partial record per program
+  for the guard (``sum(var_prior / var_obs)``, whether any prior variance is non-zero, the
+  non-finite count);
+- ``apply_kernel``: every program reduces the partial records in the same fixed order (so all
+  agree on the guard without a grid barrier), then the Kalman update, ``y`` for the real rows
+  and fresh samples ``mean + std * noise`` for the shadow rows, the noise from Philox by
+  ``(seed, flat index)``, regenerated rather than stored;
+- ``backward_kernel``: per slab ``sum(g)``, ``sum(g (x - mean_obs))``, the shadow rows'
+  ``sum(g)``, ``sum(g noise)``, the ``[S, C]`` chain in closed form, then ``dx`` (second read of
+  the slab, in L2); per-(s, c) partials of dweight/dbias, summed over ``S`` by the caller;
+- ``buffers_kernel``: running averages (as :func:`~.composite.update_running_stats`),
+  ``num_batches_tracked`` and the guard counters.
+
+Statistics are float32 for every input dtype; strides ``(sN, sC, sL)`` let one body serve NCHW and
+channels-last. Reductions run in a fixed order and nothing uses float atomics, so results are
+bitwise repeatable.
+"""
+import triton
+import triton.language as tl
+
+TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, safe_std's floor
+
+# prior modes
+NO_PRIOR = 0
+SHADOW_PRIOR = 1
+GIVEN_PRIOR = 2
+
+
+@triton.jit
+def _finite(v):
+    return (v == v) & (tl.abs(v) != float("inf"))
+
+
+@triton.jit
+def _tile(row, l0, c, cmask, sN, sC, sL, L, BL: tl.constexpr):
+    """Offsets ``[BC, BL]`` and mask of one tile of a row."""
+    pos = l0 + tl.arange(0, BL)
+    mask = cmask[:, None] & (pos < L)[None, :]
+    return row * sN + c[:, None] * sC + pos[None, :] * sL, mask, pos
+
+
+@triton.jit
+def _moments(X, row0, nrows, c, cmask, sN, sC, sL, L, ZERO_NONFINITE: tl.constexpr,
+             BC: tl.constexpr, BL: tl.constexpr):
+    """Two-pass mean and biased variance over ``nrows`` rows x ``L`` positions, per channel;
+    with ``ZERO_NONFINITE`` non-finite values count as 0 and are counted."""
+    acc = tl.zeros([BC], dtype=tl.float32)
+    bad = tl.zeros([BC], dtype=tl.int32)
+    for r in range(0, nrows):
+        for l0 in range(0, L, BL):
+            off, mask, _ = _tile(row0 + r, l0, c, cmask, sN, sC, sL, L, BL)
+            v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            if ZERO_NONFINITE:
+                ok = _finite(v)
+                bad += tl.sum((mask & ~ok).to(tl.int32), axis=1)
+                v = tl.where(ok, v, 0.0)
+            acc += tl.sum(v, axis=1)
+    count = nrows * L
+    mean = acc / count
+    acc2 = tl.zeros([BC], dtype=tl.float32)
+    for r in range(0, nrows):
+        for l0 in range(0, L, BL):
+            off, mask, _ = _tile(row0 + r, l0, c, cmask, sN, sC, sL, L, BL)
+            v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            if ZERO_NONFINITE:
+                v = tl.where(_finite(v), v, 0.0)
+            d = tl.where(mask, v - mean[:, None], 0.0)
+            acc2 += tl.sum(d * d, axis=1)
+    return mean, acc2 / count, bad
+
+
+@triton.jit
+def stats_kernel(X, sN, sC, sL, STATS, PART, MP, VP, PVALID, S, C, L, m, K, real_rows,
+                 PRIOR: tl.constexpr, HAS_PVALID: tl.constexpr, BC: tl.constexpr,
+                 BL: tl.constexpr):
+    """Launch 1: ``STATS[0..3, s, c] = mean_obs, var_obs, mean_prior, var_prior`` and the guard's
+    partial record ``PART[0..2, program]``."""
+    s = tl.program_id(0)
+    cb = tl.program_id(1)
+    c = cb * BC + tl.arange(0, BC)
+    cmask = c < C
+    SC = S * C
+    mo, vo, _ = _moments(X, s * m, m, c, cmask, sN, sC, sL, L, False, BC, BL)
+    tl.store(STATS + 0 * SC + s * C + c, mo, mask=cmask)
+    tl.store(STATS + 1 * SC + s * C + c, vo, mask=cmask)
+    if PRIOR != 0:
+        if PRIOR == 1:
+            mp, vp, bad = _moments(X, real_rows + s * K, K, c, cmask, sN, sC, sL, L, True, BC,
+                                   BL)
+            nonfinite = tl.sum(tl.where(cmask, bad, 0), axis=0).to(tl.float32)
+        else:
+            mp = tl.load(MP + s * C + c, mask=cmask, other=0.0).to(tl.float32)
+            vp = tl.load(VP + s * C + c, mask=cmask, other=0.0).to(tl.float32)
+            nonfinite = tl.sum(tl.where(cmask & ~_finite(mp), 1.0, 0.0), axis=0)
+            if HAS_PVALID:
+                nonfinite += tl.where(tl.load(PVALID) != 0, 0.0, 1.0)
+        tl.store(STATS + 2 * SC + s * C + c, mp, mask=cmask)
+        tl.store(STATS + 3 * SC + s * C + c, vp, mask=cmask)
+        pid = s * tl.num_programs(1) + cb
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        tl.store(PART + pid, tl.sum(tl.where(cmask, vp / tl.where(cmask, vo, 1.0), 0.0), axis=0))
+        tl.store(PART + nprog + pid, tl.max(tl.where(cmask & (vp != 0), 1.0, 0.0), axis=0))
+        tl.store(PART + 2 * nprog + pid, nonfinite)
+
+
+@triton.jit
+def _guard(PART, nprog, SC, guard_threshold, RB: tl.constexpr):
+    """The layer-wide guard from all partial records, summed in a fixed order (every program
+    computes the same result): the prior is used if some prior variance is non-zero, nothing is
+    non-finite and ``mean(var_prior / var_obs)`` is finite and below the threshold."""
+    ratio = tl.zeros([RB], dtype=tl.float32)
+    avail = tl.zeros([RB], dtype=tl.float32)
+    nonfinite = tl.zeros([RB], dtype=tl.float32)
+    for p0 in range(0, nprog, RB):
+        p = p0 + tl.arange(0, RB)
+        pm = p < nprog
+        ratio += tl.load(PART + p, mask=pm, other=0.0)
+        avail = tl.maximum(avail, tl.load(PART + nprog + p, mask=pm, other=0.0))
+        nonfinite += tl.load(PART + 2 * nprog + p, mask=pm, other=0.0)
+    r = tl.sum(ratio, axis=0) / SC
+    available = tl.max(avail, axis=0) > 0
+    used = available & _finite(r) & (r < guard_threshold) & (tl.sum(nonfinite, axis=0) == 0)
+    return used, available
+
+
+@triton.jit
+def _lerp(start, end, w):
+    """``torch.lerp``'s formula (bit-close to the composite form)."""
+    if w < 0.5:
+        out = start + w * (end - start)
+    else:
+        out = end - (end - start) * (1.0 - w)
+    return out
+
+
+@triton.jit
+def _combined(STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, NORMALIZED: tl.constexpr):
+    """The ``[S, C]`` chain of one program's channels: Kalman update, affine, sample mean/std.
+    Recomputed in the backward from the saved statistics (a few flops per channel)."""
+    SC = S * C
+    mo = tl.load(STATS + 0 * SC + s * C + c, mask=cmask, other=0.0)
+    vo = tl.load(STATS + 1 * SC + s * C + c, mask=cmask, other=1.0)
+    mp = mo
+    vp = vo
+    diff = mo - mo
+    mean = mo
+    var = vo
+    if PRIOR != 0:
+        mp = tl.load(STATS + 2 * SC + s * C + c, mask=cmask, other=0.0)
+        vp = tl.load(STATS + 3 * SC + s * C + c, mask=cmask, other=1.0)
+        # a rejected prior is swapped out before any arithmetic (it may be inf/nan)
+        mpu = tl.where(used, mp, mo)
+        vpu = tl.where(used, vp, vo)
+        diff = mo - mpu
+        var_u = _lerp(vo, vpu, gain) + (gain * (1.0 - gain)) * (diff * diff)
+        mean = tl.where(used, _lerp(mo, mpu, gain), mo)
+        var = tl.where(used, var_u, vo)
+    r = 1.0 / tl.sqrt(var + eps)
+    w = tl.full([c.shape[0]], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+    scale = r * w
+    shift = -mean * scale
+    if HAS_B:
+        shift = shift + tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    sd = tl.sqrt(tl.maximum(var, TINY))
+    zmean = mean
+    zstd = sd
+    if NORMALIZED:
+        zmean = mean * scale + shift
+        zstd = sd * scale
+    return mo, vo, mp, diff, mean, var, r, w, scale, shift, sd, zmean, zstd
+
+
+@triton.jit
+def _noise(NOISE, seed, flat, mask, NOISE_FROM_PTR: tl.constexpr):
+    if NOISE_FROM_PTR:  # tests: the composite form's own torch.randn draw
+        return tl.load(NOISE + flat, mask=mask, other=0.0).to(tl.float32)
+    return tl.randn(seed, flat)  # Philox: regenerated bit-identically in the backward
+
+
+@triton.jit
+def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEANVAR, NOISE,
+                 SEED, S, C, L, m, K, real_rows, gain, eps, guard_threshold,
+                 PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, RB: tl.constexpr,
+                 BC: tl.constexpr, BL: tl.constexpr):
+    """Launch 2: guard, combined statistics ``MEANVAR[0..1, s, c]``, ``y`` for the real rows,
+    ``K`` fresh samples per group into the shadow rows of ``Y``; ``FLAGS = [used, available]``."""
+    s = tl.program_id(0)
+    cb = tl.program_id(1)
+    c = cb * BC + tl.arange(0, BC)
+    cmask = c < C
+    SC = S * C
+    used = s < 0  # False
+    available = s < 0
+    if PRIOR != 0:
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        used, available = _guard(PART, nprog, SC, guard_threshold, RB)
+    if (s == 0) & (cb == 0):
+        tl.store(FLAGS + 0, used)
+        tl.store(FLAGS + 1, available)
+    (mo, vo, mp, diff, mean, var, r, w, scale, shift, sd, zmean, zstd) = _combined(
+        STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR, HAS_W, HAS_B, NORMALIZED)
+    tl.store(MEANVAR + 0 * SC + s * C + c, mean, mask=cmask)
+    tl.store(MEANVAR + 1 * SC + s * C + c, var, mask=cmask)
+    for rr in range(0, m):
+        for l0 in range(0, L, BL):
+            off, mask, _ = _tile(s * m + rr, l0, c, cmask, sN, sC, sL, L, BL)
+            yoff, _, _ = _tile(s * m + rr, l0, c, cmask, ySN, ySC, ySL, L, BL)
+            x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            y = x * scale[:, None] + shift[:, None]
+            tl.store(Y + yoff, y.to(Y.dtype.element_ty), mask=mask)
+    for k in range(0, K):
+        for l0 in range(0, L, BL):
+            yoff, mask, pos = _tile(real_rows + s * K + k, l0, c, cmask, ySN, ySC, ySL, L, BL)
+            flat = ((s * K + k) * C + c[:, None]) * L + pos[None, :]  # layout-free index
+            z = _noise(NOISE, tl.load(SEED), flat, mask, NOISE_FROM_PTR)
+            sample = zmean[:, None] + zstd[:, None] * z
+            tl.store(Y + yoff, sample.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NOISE, SEED,
+                    GMV, GPART, GPRIOR, S, C, L, m, K, real_rows, Kin, gain, eps,
+                    PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
+                    PRIOR_GRAD: tl.constexpr, HAS_GMV: tl.constexpr, BC: tl.constexpr,
+                    BL: tl.constexpr):
+    """The whole backward of a slab: sums, the closed-form ``[S, C]`` chain, ``dx`` (real and
+    incoming shadow rows), the prior's gradient (``GPRIOR``) and per-(s, c) dweight/dbias
+    partials (``GPART``). ``DX`` has ``X``'s strides."""
+    s = tl.program_id(0)
+    cb = tl.program_id(1)
+    c = cb * BC + tl.arange(0, BC)
+    cmask = c < C
+    SC = S * C
+    used = tl.load(FLAGS + 0) != 0
+    (mo, vo, mp, diff, mean, var, r, w, scale, shift, sd, zmean, zstd) = _combined(
+        STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR, HAS_W, HAS_B, NORMALIZED)
+    # pass 1: real rows sum g, sum g (x - mean_obs); shadow rows sum g, sum g noise
+    tot = tl.zeros([BC], dtype=tl.float32)
+    dot = tl.zeros([BC], dtype=tl.float32)
+    for rr in range(0, m):
+        for l0 in range(0, L, BL):
+            off, mask, _ = _tile(s * m + rr, l0, c, cmask, sN, sC, sL, L, BL)
+            goff, _, _ = _tile(s * m + rr, l0, c, cmask, gSN, gSC, gSL, L, BL)
+            g = tl.load(DY + goff, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            tot += tl.sum(g, axis=1)
+            dot += tl.sum(g * tl.where(mask, x - mo[:, None], 0.0), axis=1)
+    tot_s = tl.zeros([BC], dtype=tl.float32)
+    dot_s = tl.zeros([BC], dtype=tl.float32)
+    for k in range(0, K):
+        for l0 in range(0, L, BL):
+            goff, mask, pos = _tile(real_rows + s * K + k, l0, c, cmask, gSN, gSC, gSL, L, BL)
+            flat = ((s * K + k) * C + c[:, None]) * L + pos[None, :]
+            g = tl.load(DY + goff, mask=mask, other=0.0).to(tl.float32)
+            z = _noise(NOISE, tl.load(SEED), flat, mask, NOISE_FROM_PTR)
+            tot_s += tl.sum(g, axis=1)
+            dot_s += tl.sum(tl.where(mask, g * z, 0.0), axis=1)
+    # the [S, C] chain in closed form: scale, shift (real rows) and zmean, zstd (samples)
+    ds = dot + mo * tot  # d/dscale of the real rows: sum g x
+    if NORMALIZED:  # zmean = mean scale + shift, zstd = sd scale
+        g_shift = tot + tot_s
+        g_scale = ds + tot_s * mean + dot_s * sd - mean * g_shift
+        g_mean = tot_s * scale - scale * g_shift
+        g_sd = dot_s * scale
+    else:  # zmean = mean, zstd = sd
+        g_shift = tot
+        g_scale = ds - mean * tot
+        g_mean = tot_s - scale * tot
+        g_sd = dot_s
+    g_var = g_scale * w * (-0.5) * r * r * r
+    g_var += tl.where(var >= TINY, g_sd * 0.5 / sd, 0.0)
+    if HAS_GMV:  # gradients of the returned statistics
+        g_mean += tl.load(GMV + 0 * SC + s * C + c, mask=cmask, other=0.0).to(tl.float32)
+        g_var += tl.load(GMV + 1 * SC + s * C + c, mask=cmask, other=0.0).to(tl.float32)
+    g_mo = g_mean
+    g_vo = g_var
+    g_mp = tl.zeros([BC], dtype=tl.float32)
+    g_vp = tl.zeros([BC], dtype=tl.float32)
+    if PRIOR != 0:
+        pq = gain * (1.0 - gain)
+        g_mo = tl.where(used, (1.0 - gain) * g_mean + 2.0 * pq * diff * g_var, g_mean)
+        g_vo = tl.where(used, (1.0 - gain) * g_var, g_var)
+        if PRIOR_GRAD:
+            g_mp = tl.where(used, gain * g_mean - 2.0 * pq * diff * g_var, 0.0)
+            g_vp = tl.where(used, gain * g_var, 0.0)
+            if PRIOR == 2:
+                tl.store(GPRIOR + 0 * SC + s * C + c, g_mp, mask=cmask)
+                tl.store(GPRIOR + 1 * SC + s * C + c, g_vp, mask=cmask)
+    tl.store(GPART + 0 * SC + s * C + c, g_scale * r, mask=cmask)  # dweight partial
+    tl.store(GPART + 1 * SC + s * C + c, g_shift, mask=cmask)      # dbias partial
+    # pass 2: dx = g scale + x b + c (re-reads this program's slab, in L2)
+    n = m * L
+    bco = 2.0 * g_vo / n
+    cco = g_mo / n - bco * mo
+    for rr in range(0, m):
+        for l0 in range(0, L, BL):
+            off, mask, _ = _tile(s * m + rr, l0, c, cmask, sN, sC, sL, L, BL)
+            goff, _, _ = _tile(s * m + rr, l0, c, cmask, gSN, gSC, gSL, L, BL)
+            g = tl.load(DY + goff, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            dx = g * scale[:, None] + x * bco[:, None] + cco[:, None]
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+    # incoming shadow rows: the prior's moments (zero where the prior was not taken from them)
+    n_s = tl.maximum(Kin * L, 1)
+    b_s = 2.0 * g_vp / n_s
+    c_s = g_mp / n_s - b_s * mp
+    for k in range(0, Kin):
+        for l0 in range(0, L, BL):
+            off, mask, _ = _tile(real_rows + s * Kin + k, l0, c, cmask, sN, sC, sL, L, BL)
+            if PRIOR == 1:
+                x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+                dxs = tl.where(_finite(x), x * b_s[:, None] + c_s[:, None], 0.0)
+            else:
+                dxs = tl.zeros([BC, BL], dtype=tl.float32)
+            tl.store(DX + off, dxs.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_average(MEAN, VAR, c, cmask, S, C, unbias, GROUP0: tl.constexpr, BC: tl.constexpr):
+    sm = tl.zeros([BC], dtype=tl.float32)
+    sv = tl.zeros([BC], dtype=tl.float32)
+    if GROUP0:
+        sm = tl.load(MEAN + c, mask=cmask, other=0.0)
+        sv = tl.load(VAR + c, mask=cmask, other=0.0)
+    else:
+        for s in range(0, S):
+            sm += tl.load(MEAN + s * C + c, mask=cmask, other=0.0)
+            sv += tl.load(VAR + s * C + c, mask=cmask, other=0.0)
+        sm = sm / S
+        sv = sv / S
+    return sm, sv * unbias
+
+
+@triton.jit
+def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, momentum,
+                   unbias, TRACK: tl.constexpr, GROUP0: tl.constexpr, BC: tl.constexpr):
+    """One program: running averages of the combined statistics (left unchanged by a step with
+    a non-finite statistic anywhere, as the composite form), ``num_batches_tracked += 1`` and
+    the guard counters ``[fallbacks, priors offered]``."""
+    if TRACK:
+        bad = 0
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            cmask = c < C
+            sm, sv = _group_average(MEAN, VAR, c, cmask, S, C, unbias, GROUP0, BC)
+            bad += tl.sum(tl.where(cmask & ~(_finite(sm) & _finite(sv)), 1, 0), axis=0)
+        if bad == 0:
+            for c0 in range(0, C, BC):
+                c = c0 + tl.arange(0, BC)
+                cmask = c < C
+                sm, sv = _group_average(MEAN, VAR, c, cmask, S, C, unbias, GROUP0, BC)
+                rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(tl.float32)
+                rv = tl.load(RUN_VAR + c, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(RUN_MEAN + c, _lerp(rm, sm, momentum).to(RUN_MEAN.dtype.element_ty),
+                         mask=cmask)
+                tl.store(RUN_VAR + c, _lerp(rv, sv, momentum).to(RUN_VAR.dtype.element_ty),
+                         mask=cmask)
+        tl.store(NBT, tl.load(NBT) + 1)
+    used = tl.load(USED) != 0
+    available = tl.load(AVAIL) != 0
+    tl.store(GUARD + 0, tl.load(GUARD + 0) + (available & ~used).to(tl.int64))
+    tl.store(GUARD + 1, tl.load(GUARD + 1) + available.to(tl.int64))

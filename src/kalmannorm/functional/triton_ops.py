@@ -1,0 +1,321 @@
+"""The ``triton`` backend: the BKN training step as ``torch.library`` custom ops on CUDA.
+
+Three operators wrap the kernels of :mod:`.triton_kernels` (docs/gpu.md):
+
+- ``kalmannorm::bkn_forward`` (functional, with a registered autograd formula): statistics,
+  guard, normalization and fresh shadow-row samples, 2 launches;
+- ``kalmannorm::bkn_backward`` (functional): the slab-local backward, 1 launch, plus one sum
+  over the groups for dweight/dbias;
+- ``kalmannorm::bkn_update_buffers`` (mutates the layer's buffers): running averages,
+  ``num_batches_tracked`` and guard counters, 1 launch.
+
+Being ``torch.library.triton_op`` operators, eager mode, ``torch.compile`` (no graph break; the
+compiler sees the kernels) and CUDA graphs run the same kernels. Nothing synchronises with the
+host: the guard is decided on the device. Samples come from Philox keyed by a seed tensor drawn
+on the device (one ``randint`` per layer step, from the caller's generator) and by each shadow
+element's index, and the backward regenerates them, so no noise is stored; they differ bitwise
+from ``torch.randn``'s stream (same distribution). Gradients are first-order; double backward
+needs the composite backend.
+
+The kernels also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before this module is imported), which is how the test suite checks them without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .composite import StepOptions, StepResult
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton = None
+if _INTERPRET or torch.cuda.is_available():  # only where a kernel can run: no import cost else
+    try:  # triton is optional: CUDA wheels of torch bring it, CPU wheels do not
+        import triton
+        from torch.library import triton_op, wrap_triton
+
+        from . import triton_kernels as K
+    except ImportError:  # pragma: no cover - exercised where triton is absent
+        triton = None
+
+__all__ = ["available", "supports", "supports_buffers", "training_step", "update_buffers",
+           "torch_noise"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_state = {"torch_noise": False}
+
+
+def available() -> bool:
+    """Whether triton is importable here."""
+    return triton is not None
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the kernels handle ``x``: triton installed, a CUDA tensor (or any tensor under
+    the Triton interpreter), float32/bfloat16/float16, at least one value."""
+    if triton is None or torch.jit.is_scripting():
+        return False
+    if not (x.is_cuda or _INTERPRET):
+        return False
+    return x.dtype in _DTYPES and x.dim() >= 2 and x.numel() > 0
+
+
+@contextlib.contextmanager
+def torch_noise() -> Iterator[None]:
+    """Tests: draw the samples' noise with ``torch.randn`` from the step's generator, exactly as
+    the composite form does (stored for the backward), so both backends can be compared."""
+    previous = _state["torch_noise"]
+    _state["torch_noise"] = True
+    try:
+        yield
+    finally:
+        _state["torch_noise"] = previous
+
+
+def _strides(t: Tensor) -> Tuple[Tensor, int, int, int]:
+    """``t`` (or a dense copy) and its row, channel and position strides: the positions of a
+    ``[N, C, *spatial]`` tensor must be one strided axis (contiguous or channels-last)."""
+    if t.dim() == 2:
+        return t, t.stride(0), t.stride(1), 1
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if (fmt is torch.channels_last and t.dim() != 4) or \
+                (fmt is torch.channels_last_3d and t.dim() != 5):
+            continue
+        if t.is_contiguous(memory_format=fmt):
+            return t, t.stride(0), t.stride(1), t.stride(-1)
+    t = t.contiguous()
+    return t, t.stride(0), t.stride(1), 1
+
+
+def _blocks(x: Tensor, sC: int, groups: int) -> Tuple[int, int]:
+    """Channel block ``BC`` and position block ``BL`` of a program's tile (fixed, no autotuning:
+    a changed tile would change the reduction order)."""
+    channels = x.shape[1]
+    length = math.prod(x.shape[2:])
+    # enough programs to fill a GPU; the interpreter runs programs one by one, so fewer there
+    min_programs = 1 if _INTERPRET else 256
+    if sC == 1 and length > 1:  # channels-last: tiles run along the contiguous channels
+        bc = min(triton.next_power_of_2(channels), 32)
+        while bc > 8 and groups * triton.cdiv(channels, bc) < min_programs:
+            bc //= 2
+        bl = max(1, min(triton.next_power_of_2(length), 2048 // bc))
+    else:
+        bl = min(triton.next_power_of_2(length), 512)
+        bc = max(1, min(triton.next_power_of_2(channels), 2048 // bl))
+        while bc > 1 and groups * triton.cdiv(channels, bc) < min_programs:
+            bc //= 2
+    return bc, bl
+
+
+def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
+                  real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
+                  guard_threshold):
+    x, sN, sC, sL = _strides(x)
+    channels, length = x.shape[1], math.prod(x.shape[2:])
+    m = real_rows // groups
+    kin = (x.shape[0] - real_rows) // groups
+    y, ySN, ySC, ySL = _strides(_empty_rows(x, real_rows + groups * shadow_rows, sC))
+    bc, bl = _blocks(x, sC, groups)
+    grid = (groups, triton.cdiv(channels, bc))
+    nprog = grid[0] * grid[1]
+    stats = torch.empty((4, groups, channels), dtype=torch.float32, device=x.device)
+    part = torch.empty((3, nprog), dtype=torch.float32, device=x.device)
+    meanvar = torch.empty((2, groups, channels), dtype=torch.float32, device=x.device)
+    flags = torch.empty(2, dtype=torch.bool, device=x.device)
+    dummy = stats
+    wrap_triton(K.stats_kernel)[grid](
+        x, sN, sC, sL, stats, part,
+        dummy if mean_prior is None else mean_prior, dummy if var_prior is None else var_prior,
+        dummy if prior_valid is None else prior_valid,
+        groups, channels, length, m, kin, real_rows,
+        PRIOR=prior_mode, HAS_PVALID=prior_valid is not None, BC=bc, BL=bl,
+    )
+    wrap_triton(K.apply_kernel)[grid](
+        x, y, sN, sC, sL, ySN, ySC, ySL, stats, part, flags,
+        dummy if weight is None else weight, dummy if bias is None else bias, meanvar,
+        dummy if noise is None else noise, seed,
+        groups, channels, length, m, shadow_rows, real_rows, gain, eps, guard_threshold,
+        PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
+        NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None, RB=256, BC=bc, BL=bl,
+    )
+    return y, stats, meanvar, flags
+
+
+def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
+    """An uninitialised ``[rows, C, *spatial]`` tensor in ``x``'s dense layout."""
+    fmt = torch.contiguous_format
+    if sC == 1 and x.dim() in (4, 5) and math.prod(x.shape[2:]) > 1:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+                       memory_format=fmt)
+
+
+def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar,
+                   real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
+                   prior_grad):
+    x, sN, sC, sL = _strides(x)
+    grad_y, gSN, gSC, gSL = _strides(grad_y)
+    channels, length = x.shape[1], math.prod(x.shape[2:])
+    m = real_rows // groups
+    kin = (x.shape[0] - real_rows) // groups
+    dx = torch.empty_like(x)
+    bc, bl = _blocks(x, sC, groups)
+    grid = (groups, triton.cdiv(channels, bc))
+    gpart = torch.empty((2, groups, channels), dtype=torch.float32, device=x.device)
+    gprior = torch.empty((2, groups, channels) if prior_mode == K.GIVEN_PRIOR and prior_grad
+                         else (0,), dtype=torch.float32, device=x.device)
+    dummy = stats
+    wrap_triton(K.backward_kernel)[grid](
+        x, grad_y, dx, sN, sC, sL, gSN, gSC, gSL, stats, flags,
+        dummy if weight is None else weight, dummy if bias is None else bias,
+        dummy if noise is None else noise, seed,
+        dummy if grad_meanvar is None else grad_meanvar, gpart,
+        gprior if gprior.numel() else dummy,
+        groups, channels, length, m, shadow_rows, real_rows, kin, gain, eps,
+        PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
+        NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None, PRIOR_GRAD=prior_grad,
+        HAS_GMV=grad_meanvar is not None, BC=bc, BL=bl,
+    )
+    return dx, gpart.sum(dim=1), gprior
+
+
+if triton is not None:
+
+    @triton_op("kalmannorm::bkn_forward", mutates_args=())
+    def bkn_forward(
+        x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+        mean_prior: Optional[Tensor], var_prior: Optional[Tensor],
+        prior_valid: Optional[Tensor], seed: Tensor, noise: Optional[Tensor],
+        real_rows: int, groups: int, shadow_rows: int, prior_mode: int, normalized: bool,
+        gain: float, eps: float, guard_threshold: float, prior_grad: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(y, stats [4, S, C], meanvar [2, S, C], flags [used, available])``."""
+        return _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
+                             real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
+                             guard_threshold)
+
+    @triton_op("kalmannorm::bkn_backward", mutates_args=())
+    def bkn_backward(
+        grad_y: Tensor, x: Tensor, stats: Tensor, flags: Tensor, weight: Optional[Tensor],
+        bias: Optional[Tensor], seed: Tensor, noise: Optional[Tensor],
+        grad_meanvar: Optional[Tensor], real_rows: int, groups: int, shadow_rows: int,
+        prior_mode: int, normalized: bool, gain: float, eps: float, prior_grad: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(dx, [dweight; dbias] [2, C], dprior [2, S, C] or empty)``."""
+        return _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar,
+                              real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
+                              prior_grad)
+
+    @triton_op("kalmannorm::bkn_update_buffers",
+               mutates_args={"running_mean", "running_var", "num_batches_tracked",
+                             "guard_counters"})
+    def bkn_update_buffers(
+        running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+        guard_counters: Tensor, mean: Tensor, var: Tensor, used: Tensor, available: Tensor,
+        momentum: float, unbias: float, track: bool, group0: bool,
+    ) -> None:
+        """Running averages, ``num_batches_tracked`` and guard counters, in place."""
+        groups, channels = mean.shape
+        wrap_triton(K.buffers_kernel)[(1,)](
+            mean, var, used, available, running_mean, running_var, num_batches_tracked,
+            guard_counters, groups, channels, momentum, unbias, TRACK=track, GROUP0=group0,
+            BC=min(triton.next_power_of_2(channels), 1024),
+        )
+
+    def _setup_context(ctx, inputs, output) -> None:
+        (x, weight, bias, mean_prior, var_prior, _, seed, noise, real_rows, groups,
+         shadow_rows, prior_mode, normalized, gain, eps, _, prior_grad) = inputs
+        _, stats, _, flags = output
+        ctx.save_for_backward(x, stats, flags, weight, bias, seed, noise)
+        ctx.config = (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
+                      prior_grad)
+        ctx.prior_dtypes = (None if mean_prior is None else mean_prior.dtype,
+                            None if var_prior is None else var_prior.dtype)
+        ctx.mark_non_differentiable(stats, flags)
+
+    def _backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags):
+        from .cpu_fused import first_order_only
+
+        first_order_only("triton")
+        x, stats, flags, weight, bias, seed, noise = ctx.saved_tensors
+        real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad = \
+            ctx.config
+        prior_grad = prior_grad and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (
+            prior_mode == K.SHADOW_PRIOR and ctx.needs_input_grad[0]))
+        if grad_y is None:
+            grad_y = torch.zeros((real_rows + groups * shadow_rows,) + tuple(x.shape[1:]),
+                                 dtype=x.dtype, device=x.device)
+        dx, gwb, gprior = bkn_backward(
+            grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar, real_rows,
+            groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad)
+        grad_w = None if weight is None else gwb[0].to(weight.dtype)
+        grad_b = None if bias is None else gwb[1].to(bias.dtype)
+        grad_mp = grad_vp = None
+        if prior_mode == K.GIVEN_PRIOR and prior_grad:
+            grad_mp, grad_vp = gprior[0].to(ctx.prior_dtypes[0]), gprior[1].to(ctx.prior_dtypes[1])
+        return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 12
+
+    bkn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def training_step(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    options: StepOptions,
+    prior: Optional[Tuple[Tensor, Tensor]] = None,
+    prior_valid: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> StepResult:
+    """One BKN training step by the Triton kernels; same arguments and result as
+    :func:`.composite.training_step` (samples from a different random stream)."""
+    o = options
+    groups, channels = o.groups, x.shape[1]
+    noise = None
+    if _state["torch_noise"]:  # the composite form's draw, from the same generator state
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        if o.shadow_rows:
+            noise = torch.randn((groups, o.shadow_rows, channels) + tuple(x.shape[2:]),
+                                generator=generator, device=x.device, dtype=torch.float32)
+    else:
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=x.device)
+    mean_prior = var_prior = None
+    prior_mode = K.SHADOW_PRIOR if o.shadow_prior else K.NO_PRIOR
+    if prior is not None and not o.shadow_prior:
+        prior_mode = K.GIVEN_PRIOR
+        mean_prior, var_prior = prior
+        if o.detach_prior:
+            mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
+        mean_prior, var_prior = mean_prior.contiguous(), var_prior.contiguous()
+    valid = None if prior_valid is None else prior_valid.reshape(1)
+    y, _, meanvar, flags = bkn_forward(
+        x, weight, bias, mean_prior, var_prior, valid, seed, noise, o.real_rows, groups,
+        o.shadow_rows, prior_mode, o.normalized, float(o.gain), float(o.eps),
+        float(o.guard_threshold), not o.detach_prior)
+    return StepResult(y, meanvar[0], meanvar[1], flags[0], flags[1])
+
+
+def supports_buffers(mean: Tensor) -> bool:
+    """Whether :func:`update_buffers` applies (statistics of a step on a supported device)."""
+    return triton is not None and (mean.is_cuda or _INTERPRET) and mean.dtype == torch.float32
+
+
+def update_buffers(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], guard_counters: Tensor,
+                   step: StepResult, momentum: Optional[float], count: int,
+                   group0_only: bool) -> None:
+    """``kalmannorm::bkn_update_buffers`` (see :func:`.dispatch.update_buffers`)."""
+    track = running_mean is not None
+    if track and momentum is None:  # cumulative average; reads the count as BatchNorm does
+        momentum = 1.0 / (float(num_batches_tracked) + 1.0)
+    empty: List[Tensor] = [torch.empty(0, device=guard_counters.device) for _ in range(3)]
+    bkn_update_buffers(
+        running_mean if track else empty[0], running_var if track else empty[1],
+        num_batches_tracked if track else empty[2], guard_counters,
+        step.mean.detach(), step.var.detach(), step.used, step.available,
+        float(momentum or 0.0), count / (count - 1), track, group0_only)

@@ -1,0 +1,196 @@
+"""The Triton backend equals the composite form: outputs, every gradient, running buffers and guard
+counters, for the prior supplied, taken from shadow rows, rejected or absent; NCHW, channels-last
+and ``[N, C]``; float32 and bfloat16.
+
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
+set by ``tests/conftest.py`` before kalmannorm is imported); shapes are tiny and odd so that every
+mask is exercised. On a CUDA machine the same tests run the compiled kernels on the GPU.
+"""
+import pytest
+import torch
+from torch import nn
+
+import kalmannorm as kn
+from kalmannorm import functional as KF
+from kalmannorm.functional import triton_ops
+
+pytestmark = pytest.mark.skipif(
+    not triton_ops.available(),
+    reason="triton is not installed (pip install triton, or a CUDA build of torch)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(shape, dtype, channels_last=False, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    x = x.to(device=DEVICE, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _close(a, b, dtype, float32_tol=2e-5):
+    """Relative to the largest entry (at least 1): both forms round the same math differently."""
+    if a is None or b is None:
+        assert a is None and b is None
+        return
+    tol = {torch.float32: float32_tol, torch.bfloat16: 2e-2}[dtype]
+    scale = b.double().abs().max().clamp_min(1.0)
+    err = (a.double() - b.double()).abs().max() / scale
+    assert err < tol, f"relative error {float(err):.2e}"
+
+
+def _functional(backend, x, prior, affine, **kw):
+    channels = x.shape[1]
+    w = b = None
+    if affine:
+        w = torch.linspace(0.5, 1.5, channels, device=DEVICE).requires_grad_()
+        b = torch.linspace(-1, 1, channels, device=DEVICE).requires_grad_()
+    y, mean, var, used = KF.batch_kalman_norm(x, prior, w, b, backend=backend, **kw)
+    g = torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)
+    loss = (y.float() * g).sum() + (mean * mean.new_tensor(range(mean.numel())).view(
+        mean.shape)).sum() + var.square().sum()
+    leaves = [t for t in [x, w, b] + list(prior or ()) if t is not None]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [y, mean, var, used] + list(grads)
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(affine=False), dict(channels_last=True), dict(detach_prior=True),
+    dict(no_prior=True), dict(reject=True), dict(nonfinite=True), dict(gain=0.3),
+    dict(shape=(6, 5)), dict(dtype=torch.bfloat16),
+])
+def test_prior_supplied_matches_composite(case):
+    shape = case.get("shape", (8, 5, 3, 7))
+    dtype = case.get("dtype", torch.float32)
+    groups = 4 if len(shape) == 4 else 3
+    x = _inputs(shape, dtype, case.get("channels_last", False))
+    prior = None
+    if not case.get("no_prior"):
+        mp = torch.randn(groups, shape[1], device=DEVICE)
+        vp = torch.rand(groups, shape[1], device=DEVICE) + 0.5
+        if case.get("reject"):
+            vp = vp * 1e4  # mean ratio far above the guard threshold
+        if case.get("nonfinite"):
+            mp[1, 2] = float("inf")
+        prior = (mp.requires_grad_(), vp.requires_grad_())
+    kw = dict(groups=groups, gain=case.get("gain", 0.7),
+              detach_prior=case.get("detach_prior", False))
+    expected = _functional("composite", x, prior, case.get("affine", True), **kw)
+    got = _functional("triton", x, prior, case.get("affine", True), **kw)
+    assert got[0].dtype == dtype and got[0].is_contiguous(
+        memory_format=torch.channels_last if case.get("channels_last") else
+        torch.contiguous_format)
+    assert bool(got[3]) == bool(expected[3]) == (prior is not None and not case.get("reject")
+                                                 and not case.get("nonfinite"))
+    for a, b in zip(got, expected):
+        _close(a, b, dtype)
+
+
+class _Net(nn.Module):
+    """Three BKN layers with a convolution, pooling and a residual sum between them."""
+
+    def __init__(self, channels=5, **options):
+        super().__init__()
+        bkn = lambda: kn.BatchKalmanNorm2d(channels, micro_batch=2, **options)  # noqa: E731
+        self.n1, self.n2, self.n3 = bkn(), bkn(), bkn()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.n1(x))
+        h = self.n2(self.conv(h)) + h
+        return self.n3(nn.functional.avg_pool2d(h, 2, ceil_mode=True))
+
+
+def _model_step(backend, x, rows_per_group, steps, generator_seed=3, **options):
+    torch.manual_seed(0)
+    model = kn.KalmanPredictor(_Net(x.shape[1], **options), rows_per_group=rows_per_group,
+                               generator=torch.Generator(DEVICE).manual_seed(generator_seed))
+    model.to(device=DEVICE, dtype=x.dtype)
+    with kn.use_backend(backend), triton_ops.torch_noise():
+        out = []
+        for _ in range(steps):
+            y = model(x)
+            (y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)).sum() \
+                .backward()
+            out.append(y.detach())
+    grads = [x.grad] + [p.grad for p in model.parameters()]
+    buffers = [b for b in model.buffers()]
+    return out, grads, buffers, kn.guard_counts(model)
+
+
+@pytest.mark.parametrize("case", [
+    dict(steps=2, momentum=None), dict(propagate="normalized"), dict(rows_per_group=2),
+    dict(channels_last=True), dict(detach_prior=True, running_stats="group0"),
+    dict(dtype=torch.bfloat16),
+])
+def test_shadow_rows_match_composite_in_a_model(case):
+    case = dict(case)
+    dtype = case.pop("dtype", torch.float32)
+    rows = case.pop("rows_per_group", 1)
+    steps = case.pop("steps", 1)  # two steps: buffers and counters accumulate
+    channels_last = case.pop("channels_last", False)
+    results = {}
+    for backend in ("composite", "triton"):
+        x = _inputs((4, 5, 5, 6), dtype, channels_last)
+        results[backend] = _model_step(backend, x, rows, steps, **case)
+    (ys_c, grads_c, bufs_c, counts_c), (ys_t, grads_t, bufs_t, counts_t) = \
+        results["composite"], results["triton"]
+    for a, b in zip(ys_t + grads_t + bufs_t, ys_c + grads_c + bufs_c):
+        _close(a, b, dtype, float32_tol=1e-4)
+    assert counts_t == counts_c and counts_t["priors"] == 2 * steps
+
+
+def test_non_finite_shadow_row_rejects_the_prior_with_finite_gradients():
+    results = {}
+    for backend in ("composite", "triton"):
+        torch.manual_seed(0)
+        layer = kn.BatchKalmanNorm2d(3, micro_batch=2)
+        model = kn.KalmanPredictor(nn.Sequential(kn.BatchKalmanNorm2d(3, micro_batch=2), layer))
+        model.module[0].register_forward_hook(
+            lambda m, a, out: out.index_fill(0, torch.tensor([4], device=out.device),
+                                             float("inf")))
+        x = _inputs((4, 3, 4, 4), torch.float32)
+        with kn.use_backend(backend), triton_ops.torch_noise():
+            y = model.to(DEVICE)(x)
+            y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        assert kn.guard_counts(model) == {"fallbacks": 1, "priors": 1}
+        results[backend] = (y, x.grad)
+    for a, b in zip(results["triton"], results["composite"]):
+        _close(a, b, torch.float32)
+
+
+def test_philox_samples_are_gaussian_repeatable_and_regenerated_in_the_backward():
+    """Without injected noise: samples ~ N(mean, var) of the combined statistics, the same
+    generator seed gives bitwise the same step, and the backward regenerates exactly the noise
+    of the forward (its gradient equals autograd's through ``mean + std * z`` with the ``z``
+    read back from the samples)."""
+    x = _inputs((4, 2, 16, 16), torch.float32)
+    options = KF.StepOptions(real_rows=2, groups=1, gain=0.5, shadow_rows=2, shadow_prior=True)
+    g = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def step():
+        gen = torch.Generator(DEVICE).manual_seed(7)
+        result = KF.training_step(x, None, None, options, generator=gen, backend="triton")
+        (grad,) = torch.autograd.grad((result.y[2:] * g).sum(), x)
+        return result, grad
+
+    (y, mean, var, used, _), grad = step()
+    (y2, *_), grad2 = step()
+    assert bool(used) and torch.equal(y, y2) and torch.equal(grad, grad2)
+    std = KF.safe_std(var).view(1, -1, 1, 1)
+    z = ((y[2:] - mean.view(1, -1, 1, 1)) / std).detach()  # [2, C, 16, 16]: 512 per channel
+    assert z.mean().abs() < 0.15 and (z.std() - 1).abs() < 0.1
+    ref = KF.training_step(x, None, None, options, backend="composite")
+    manual = ref.mean.view(1, -1, 1, 1) + KF.safe_std(ref.var).view(1, -1, 1, 1) * z
+    (expected,) = torch.autograd.grad((manual * g).sum(), x)
+    _close(grad, expected, torch.float32)
+
+
+def test_double_backward_names_the_composite_backend():
+    x = _inputs((4, 2, 3, 3), torch.float32)
+    y = KF.batch_kalman_norm(x, None, None, None, groups=2, backend="triton")[0]
+    with pytest.raises(RuntimeError, match=r"use_backend\('composite'\)"):
+        torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
