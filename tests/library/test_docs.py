@@ -1,8 +1,9 @@
-"""Every reference to the docs resolves in a clone of the repository.
+"""Every reference to the docs and to files of the repository resolves in a clone of it.
 
-The code cites the method notes as ``docs/method.md section N``, and the docs link to each other
-and to generated files; a reference to a missing file or section is a broken promise to the
-reader.
+The code cites the method notes as ``docs/method.md section N``; code and docs name files of
+the repository (``docs/...``, ``tests/...``, ``kalmannorm/<module>.py``) and link to each other.
+A reference to a missing file or section is a broken promise to the reader; this catches the
+ones a move or a rename leaves behind.
 """
 import re
 from pathlib import Path
@@ -10,8 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["src", "benchmarks", "experiments", "tests", "README.md", "docs", "Makefile"]
 
-DOCS_PATH = re.compile(r"(?<![\w./])docs/[\w./<>-]*[\w/>]")  # <name>: a placeholder
-METHOD_SECTIONS = re.compile(r"method\.md`{0,2}[\s#]+sections?[\s#]+(\d+(?:(?:,|,? and)\s*\d+)*)")
+# A repo-relative path (<name>: a placeholder), or a module path inside the package.
+REPO_PATH = re.compile(
+    r"(?<![\w./])(?:docs|src|tests|experiments|benchmarks|\.ci)/[\w./<>-]*[\w/>]")
+PACKAGE_PATH = re.compile(r"(?<![\w./])kalmannorm/[\w/]+\.py")
+METHOD_SECTIONS = re.compile(
+    r"method\.md`{0,2}[\s#]+sections?[\s#]+(\d+(?:(?:,|,? and)\s*\d+)*)")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 
 
@@ -29,8 +34,9 @@ def exists_in(root):
 
 
 def broken_references(text, sections, exists):
-    """The ``docs/...`` paths and ``method.md section N`` references of ``text`` that fail."""
-    broken = [path for path in DOCS_PATH.findall(text) if not exists(path)]
+    """The file paths and ``method.md section N`` references of ``text`` that fail."""
+    paths = REPO_PATH.findall(text) + ["src/" + p for p in PACKAGE_PATH.findall(text)]
+    broken = [path for path in paths if not exists(path)]
     for match in METHOD_SECTIONS.finditer(text):
         broken += [f"method.md section {n}" for n in re.findall(r"\d+", match.group(1))
                    if int(n) not in sections]
@@ -55,9 +61,11 @@ def test_checker_finds_broken_references():
     text = """See ``docs/method.md`` section 3 and method.md sections 2, 3 and 9.
     # ``docs/method.md``
     # section 4: across a comment line break
-    Tables in docs/perf and docs/missing.md; ../shared/docs/method.md is not ours."""
+    Tables in docs/perf and docs/missing.md; ../shared/docs/method.md is not ours.
+    Tested in `tests/test_gone.py`; the kernel in ``kalmannorm/_gone.py``."""
     assert broken_references(text, sections, exists) == [
-        "docs/missing.md", "method.md section 9", "method.md section 4"]
+        "docs/missing.md", "tests/test_gone.py", "src/kalmannorm/_gone.py",
+        "method.md section 9", "method.md section 4"]
     exists = exists_in(ROOT)
     assert exists("docs/perf/bench-<device>-<time>.json") and exists("docs/method.md")
     assert not exists("docs/perf/nothing-<time>.json") and not exists("docs/nothing.md")
