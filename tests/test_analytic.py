@@ -15,7 +15,7 @@ from kalmannorm import (
     BatchKalmanNorm2d,
     KalmanPredictor,
     convert_batchnorm,
-    guard_counts,
+    guard_report,
     to_batchnorm,
 )
 from kalmannorm.analytic import (
@@ -393,7 +393,7 @@ def test_converted_resnet_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
-    counts = guard_counts(model)
+    counts = guard_report(model)
     assert counts["priors"] > 0 and counts["fallbacks"] < counts["priors"]
 
 
@@ -478,7 +478,7 @@ def test_keyword_inputs_and_nested_outputs():
     model = AnalyticKalmanPredictor(Multi())
     out = model(torch.randn(4, 3, 6, 6), shift=torch.ones(1, 3, 1, 1))
     assert out["out"].shape == (4, 3, 6, 6) and out["features"][1] == 4
-    assert guard_counts(model)["priors"] == 1
+    assert guard_report(model)["priors"] == 1
 
 
 def test_wrapper_rules_match_kalman_predictor():

@@ -32,7 +32,7 @@ def _worker(rank, world, init_file, out_dir):
         opt.step()
         losses.append(loss.item())
     torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses,
-                "priors": kn.guard_counts(model)["priors"]},
+                "priors": kn.guard_report(model)["priors"]},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

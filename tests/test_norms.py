@@ -81,3 +81,25 @@ def test_unknown_name_lists_valid_ones():
 def test_register_norm_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         kn.register_norm("bkn", kn.BatchKalmanNorm2d)
+
+
+def test_groupnorm1_is_layer_norm_over_channels_and_positions_with_a_channel_affine():
+    layer = kn.GroupNorm1(4)
+    nn.init.normal_(layer.weight), nn.init.normal_(layer.bias)
+    x = torch.randn(3, 4, 5, 6) * 3 + 1
+    ref = (nn.functional.layer_norm(x, x.shape[1:], eps=layer.eps)
+           * layer.weight[:, None, None] + layer.bias[:, None, None])
+    torch.testing.assert_close(layer(x), ref)
+
+
+@pytest.mark.parametrize("shape, torch_class", [((3, 4, 5, 6), nn.InstanceNorm2d),
+                                                ((3, 4, 2, 3, 3), nn.InstanceNorm3d),
+                                                ((3, 4, 7), nn.InstanceNorm1d)])
+def test_instance_groupnorm_equals_torch_instance_norm_with_affine(shape, torch_class):
+    layer = kn.InstanceGroupNorm(4)
+    nn.init.normal_(layer.weight), nn.init.normal_(layer.bias)
+    ref = torch_class(4, affine=True)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(shape) * 3 + 1
+    for training in (True, False):
+        torch.testing.assert_close(layer.train(training)(x), ref.train(training)(x))

@@ -121,7 +121,7 @@ def _model_step(fused, monkeypatch, propagate="raw", channels_last=False, detach
         out.float().square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     buffers = [b.clone() for b in model.buffers()]
-    return out, grads, buffers, kn.guard_counts(model)
+    return out, grads, buffers, kn.guard_report(model)
 
 
 @pytest.mark.parametrize("options", [{}, {"propagate": "normalized"}, {"channels_last": True},
@@ -153,7 +153,7 @@ def test_fused_shadow_rows_reject_non_finite_rows_with_finite_gradients():
     y = model(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    counts = kn.guard_counts(model)
+    counts = kn.guard_report(model)
     assert counts == {"fallbacks": 1, "priors": 1}
 
 

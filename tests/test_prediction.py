@@ -147,7 +147,7 @@ def test_shadow_rows_match_the_hand_threaded_reference(kernel):
                                    rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     # every layer after the first had a prior, and the check above means priors were used
-    assert kn.guard_counts(model)["priors"] == len(ref_stats) - 1
+    assert kn.guard_report(model)["priors"] == len(ref_stats) - 1
 
     # gradients flow through the prior exactly as in the reference
     ref_grads = torch.autograd.grad(ref_out.square().sum(), list(net.parameters()))
@@ -251,7 +251,7 @@ def test_keyword_inputs_nested_outputs_concatenation_and_pooling():
     assert torch.equal(out["pair"][1], extra) and out["const"].shape == (3,)
     out["logits"].sum().backward()
     # two first layers (a, b) have no prior; the concatenation's layer has one
-    assert kn.guard_counts(model)["priors"] == 1
+    assert kn.guard_report(model)["priors"] == 1
 
 
 def test_mlp_with_batchnorm1d_gets_several_shadow_rows_per_group():
@@ -264,7 +264,7 @@ def test_mlp_with_batchnorm1d_gets_several_shadow_rows_per_group():
     y = model(torch.randn(8, 5))
     assert y.shape == (8, 3) and rows == [8 + 2 * 4]
     y.sum().backward()
-    assert kn.guard_counts(model)["priors"] == 1
+    assert kn.guard_report(model)["priors"] == 1
 
 
 def test_time_folded_into_batch():
@@ -283,7 +283,7 @@ def test_time_folded_into_batch():
     model = kn.convert_batchnorm(Video(), micro_batch=2)
     out = model(torch.randn(4, 3, 3, 6, 6))
     assert out.shape == (4, 4 * 36)
-    assert kn.guard_counts(model)["priors"] == 1
+    assert kn.guard_report(model)["priors"] == 1
 
 
 def test_unconverted_batchnorm_is_refused():

@@ -235,8 +235,9 @@ class BatchKalmanNorm1d(_BatchKalmanNorm):
     Shape:
         - Input: ``[N, C]`` or ``[N, C, L]``; Output: same shape.
 
+    >>> from kalmannorm import KalmanPredictor
     >>> bkn = BatchKalmanNorm1d(16, micro_batch=4)
-    >>> bkn(torch.randn(8, 16)).shape
+    >>> KalmanPredictor(bkn)(torch.randn(8, 16)).shape
     torch.Size([8, 16])
     """
     _input_dims = (2, 3)
@@ -260,8 +261,9 @@ class BatchKalmanNorm2d(_BatchKalmanNorm):
     Shape:
         - Input: ``[N, C, H, W]``; Output: same shape.
 
+    >>> from kalmannorm import KalmanPredictor
     >>> bkn = BatchKalmanNorm2d(16, gain=0.9, micro_batch=2)
-    >>> bkn(torch.randn(8, 16, 4, 4)).shape
+    >>> KalmanPredictor(bkn)(torch.randn(8, 16, 4, 4)).shape
     torch.Size([8, 16, 4, 4])
     """
     _input_dims = (4,)
@@ -276,8 +278,9 @@ class BatchKalmanNorm3d(_BatchKalmanNorm):
     Shape:
         - Input: ``[N, C, D, H, W]``; Output: same shape.
 
+    >>> from kalmannorm import KalmanPredictor
     >>> bkn = BatchKalmanNorm3d(8, micro_batch=2)
-    >>> bkn(torch.randn(4, 8, 2, 4, 4)).shape
+    >>> KalmanPredictor(bkn)(torch.randn(4, 8, 2, 4, 4)).shape
     torch.Size([4, 8, 2, 4, 4])
     """
     _input_dims = (5,)

@@ -2,10 +2,18 @@
 
 Every entry is a drop-in ``norm_layer(num_channels, **kw)`` (timm's convention: the channel count
 comes first, GroupNorm included), so that models take ``norm_layer=`` and never hard-code a norm.
+The names are the keys of the literal dict ``_NORM_MAP`` below; :func:`register_norm` adds more.
+
+The per-sample baselines are GroupNorm with the channel count first, as compared in the
+GroupNorm paper (Wu and He, "Group Normalization", ECCV 2018, section 3): :class:`GroupNorm1`
+(one group; that paper's "LN" of conv maps) and :class:`InstanceGroupNorm` (one channel per
+group; its "IN"). Their names say what they are, not the names of torch's differently built
+``nn.LayerNorm`` and ``nn.InstanceNorm2d``.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Dict, Union
 
 from torch import nn
@@ -13,7 +21,7 @@ from torch import nn
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 
-__all__ = ["GroupNorm", "LayerNorm", "InstanceNorm", "get_norm_layer", "register_norm",
+__all__ = ["GroupNorm", "GroupNorm1", "InstanceGroupNorm", "get_norm_layer", "register_norm",
            "norm_names"]
 
 
@@ -32,11 +40,28 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
 
 
-class LayerNorm(GroupNorm):
-    """Layer normalization of conv maps: each sample over all channels and positions.
+class GroupNorm1(GroupNorm):
+    """GroupNorm with one group: each sample over all its channels and positions.
 
-    GroupNorm with one group, with a per-channel affine (Ba et al. 2016 as compared in the
-    GroupNorm paper). Works for ``[N, C, *]`` inputs of any rank.
+    Per sample ``n`` and channel ``c``, with ``mean`` and biased ``var`` over all channels and
+    positions of sample ``n``::
+
+        y[n, c] = weight[c] * (x[n, c] - mean[n]) / sqrt(var[n] + eps) + bias[c]
+
+    This is the "LN" of conv maps in the GroupNorm paper (timm's ``GroupNorm1``). Unlike
+    ``nn.LayerNorm`` it needs no ``normalized_shape`` and its affine is per channel, not per
+    element. Registry name: ``"layernorm"``.
+
+    Args:
+        num_channels: ``C``.
+        eps: added to the variance. Default: ``1e-5``.
+        affine: learn ``weight`` and ``bias`` per channel. Default: ``True``.
+
+    Shape:
+        ``[N, C, *]`` in and out, any number of trailing dimensions.
+
+    >>> GroupNorm1(16)(torch.randn(2, 16, 4, 4)).shape
+    torch.Size([2, 16, 4, 4])
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
@@ -44,10 +69,28 @@ class LayerNorm(GroupNorm):
         super().__init__(num_channels, 1, eps, affine, device, dtype)
 
 
-class InstanceNorm(GroupNorm):
-    """Instance normalization: each sample and channel over its positions.
+class InstanceGroupNorm(GroupNorm):
+    """GroupNorm with one channel per group: each sample and channel over its positions.
 
-    GroupNorm with one channel per group and a per-channel affine; needs spatial positions.
+    Per sample ``n`` and channel ``c``, with ``mean`` and biased ``var`` over the positions of
+    ``x[n, c]``::
+
+        y[n, c] = weight[c] * (x[n, c] - mean[n, c]) / sqrt(var[n, c] + eps) + bias[c]
+
+    This is the "IN" of the GroupNorm paper. It computes what ``nn.InstanceNorm2d(C,
+    affine=True)`` computes, but keeps no running statistics, has the affine by default and takes
+    inputs of any rank with positions. Registry name: ``"instancenorm"``.
+
+    Args:
+        num_channels: ``C``.
+        eps: added to the variance. Default: ``1e-5``.
+        affine: learn ``weight`` and ``bias`` per channel. Default: ``True``.
+
+    Shape:
+        ``[N, C, *]`` in and out, with at least one position per channel.
+
+    >>> InstanceGroupNorm(16)(torch.randn(2, 16, 4, 4)).shape
+    torch.Size([2, 16, 4, 4])
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
@@ -55,21 +98,58 @@ class InstanceNorm(GroupNorm):
         super().__init__(num_channels, num_channels, eps, affine, device, dtype)
 
 
+def _ghost_batchnorm(bkn: type) -> Callable[..., nn.Module]:
+    # BatchNorm over groups of micro_batch rows: BKN with no weight on the prediction.
+    return functools.partial(bkn, gain=0.0)
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+
+# Names are case-insensitive; an unsuffixed name is the 2d layer.
+_NORM_MAP: Dict[str, Callable[..., nn.Module]] = {
+    "batchnorm": nn.BatchNorm2d,
+    "batchnorm1d": nn.BatchNorm1d,
+    "batchnorm2d": nn.BatchNorm2d,
+    "batchnorm3d": nn.BatchNorm3d,
+    "ghost_batchnorm": _ghost_batchnorm(BatchKalmanNorm2d),
+    "ghost_batchnorm1d": _ghost_batchnorm(BatchKalmanNorm1d),
+    "ghost_batchnorm2d": _ghost_batchnorm(BatchKalmanNorm2d),
+    "ghost_batchnorm3d": _ghost_batchnorm(BatchKalmanNorm3d),
+    "batchrenorm": BatchRenorm2d,
+    "batchrenorm1d": BatchRenorm1d,
+    "batchrenorm2d": BatchRenorm2d,
+    "batchrenorm3d": BatchRenorm3d,
+    "bkn": BatchKalmanNorm2d,
+    "bkn1d": BatchKalmanNorm1d,
+    "bkn2d": BatchKalmanNorm2d,
+    "bkn3d": BatchKalmanNorm3d,
+    "batchkalmannorm": BatchKalmanNorm2d,
+    "batchkalmannorm1d": BatchKalmanNorm1d,
+    "batchkalmannorm2d": BatchKalmanNorm2d,
+    "batchkalmannorm3d": BatchKalmanNorm3d,
+    "groupnorm": GroupNorm,
+    "layernorm": GroupNorm1,
+    "instancenorm": InstanceGroupNorm,
+}
 
 
 def register_norm(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Register ``factory(num_channels, **kw)`` under ``name`` (case-insensitive)."""
+    """Register ``factory(num_channels, **kw)`` under ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: if the name is taken.
+    """
     key = name.lower()
-    if key in _REGISTRY:
+    if key in _NORM_MAP:
         raise ValueError(f"a norm named {name!r} is already registered")
-    _REGISTRY[key] = factory
+    _NORM_MAP[key] = factory
 
 
 def norm_names() -> list:
-    """The registered names."""
-    return sorted(_REGISTRY)
+    """The registered names, sorted.
+
+    >>> "bkn" in norm_names()
+    True
+    """
+    return sorted(_NORM_MAP)
 
 
 def get_norm_layer(name_or_class: Union[str, Callable[..., nn.Module]], **kw) -> Callable:
@@ -77,15 +157,20 @@ def get_norm_layer(name_or_class: Union[str, Callable[..., nn.Module]], **kw) ->
 
     Names (case-insensitive; ``2d`` is the default rank, ``1d``/``3d`` suffixes pick others):
     ``batchnorm`` (full-batch statistics), ``ghost_batchnorm`` (BatchNorm over groups of
-    ``micro_batch`` rows), ``groupnorm``, ``layernorm``, ``instancenorm``, ``batchrenorm``,
-    ``bkn``. Keyword arguments are bound to the layer's constructor.
+    ``micro_batch`` rows), ``groupnorm``, ``layernorm`` (:class:`GroupNorm1`), ``instancenorm``
+    (:class:`InstanceGroupNorm`), ``batchrenorm``, ``bkn``. Keyword arguments are bound to the
+    layer's constructor.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+        TypeError: for something that is neither a name nor a callable.
 
     >>> norm_layer = get_norm_layer("bkn", gain=0.9, micro_batch=2)
     >>> norm_layer(16).gain
     0.9
     """
     if isinstance(name_or_class, str):
-        factory = _REGISTRY.get(name_or_class.lower())
+        factory = _NORM_MAP.get(name_or_class.lower())
         if factory is None:
             raise ValueError(
                 f"unknown norm {name_or_class!r}; valid names: {', '.join(norm_names())}"
@@ -99,21 +184,21 @@ def get_norm_layer(name_or_class: Union[str, Callable[..., nn.Module]], **kw) ->
     return functools.partial(factory, **kw) if kw else factory
 
 
-for _suffix, _bn, _brn, _bkn in (
-    ("1d", nn.BatchNorm1d, BatchRenorm1d, BatchKalmanNorm1d),
-    ("2d", nn.BatchNorm2d, BatchRenorm2d, BatchKalmanNorm2d),
-    ("3d", nn.BatchNorm3d, BatchRenorm3d, BatchKalmanNorm3d),
-):
-    for _names, _factory in (
-        (("batchnorm",), _bn),
-        (("ghost_batchnorm",), functools.partial(_bkn, gain=0.0)),
-        (("batchrenorm",), _brn),
-        (("bkn", "batchkalmannorm"), _bkn),
-    ):
-        for _name in _names:
-            register_norm(_name + _suffix, _factory)
-            if _suffix == "2d":
-                register_norm(_name, _factory)
-for _name, _factory in (("groupnorm", GroupNorm), ("layernorm", LayerNorm),
-                        ("instancenorm", InstanceNorm)):
-    register_norm(_name, _factory)
+# Old names, importable for one more release (0.1 shadowed torch's different classes).
+_RENAMED = {"LayerNorm": GroupNorm1, "InstanceNorm": InstanceGroupNorm}
+
+
+def _renamed(name: str, stacklevel: int) -> type:
+    new = _RENAMED[name]
+    warnings.warn(
+        f"kalmannorm.{name} is deprecated and will be removed in the next release; use "
+        f"kalmannorm.{new.__name__}, the same class (a GroupNorm, not torch.nn.{name})",
+        DeprecationWarning, stacklevel=stacklevel,
+    )
+    return new
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        return _renamed(name, stacklevel=3)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ activations. The wrapper strips the shadow rows from the outputs.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -21,7 +22,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .modules import BatchKalmanNorm1d, _BatchKalmanNorm
 
-__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_counts"]
+__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_report"]
 
 
 class ShadowBatch:
@@ -84,18 +85,34 @@ def has_kalman_layers(module: nn.Module) -> bool:
     return any(isinstance(m, _BatchKalmanNorm) for m in module.modules())
 
 
-def guard_counts(module: nn.Module) -> dict:
-    """Totals over the BKN layers of ``module`` since creation.
+def guard_report(module: nn.Module) -> dict:
+    """How often the guard rejected a prior, summed over the BKN layers of ``module``.
+
+    Counts layer-steps since the layers were created (the layers' non-persistent counters, so a
+    loaded checkpoint starts from zero).
 
     Returns:
         ``{"fallbacks": layer-steps where the guard rejected an available prior,
         "priors": layer-steps where a prior was available}``.
+
+    >>> guard_report(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    {'fallbacks': 0, 'priors': 0}
     """
     total = torch.zeros(2, dtype=torch.long)
     for m in module.modules():
         if isinstance(m, _BatchKalmanNorm):
             total += m.guard_counters.cpu()
     return {"fallbacks": int(total[0]), "priors": int(total[1])}
+
+
+def guard_counts(module: nn.Module) -> dict:
+    """Deprecated name of :func:`guard_report` (it clashed with the layers' buffer)."""
+    warnings.warn(
+        "kalmannorm.guard_counts(model) is deprecated and will be removed in the next release; "
+        "use kalmannorm.guard_report(model), which returns the same dict",
+        DeprecationWarning, stacklevel=2,
+    )
+    return guard_report(module)
 
 
 def _batch_coupled(module: nn.Module) -> List[str]:
@@ -163,6 +180,7 @@ class KalmanPredictor(nn.Module):
         Inputs and outputs are the wrapped model's; the batch size must be a multiple of the BKN
         layers' ``micro_batch``.
 
+    >>> from kalmannorm import BatchKalmanNorm2d
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchKalmanNorm2d(8, micro_batch=2), nn.ReLU(),
     ...                     nn.Conv2d(8, 8, 3), BatchKalmanNorm2d(8, micro_batch=2))
     >>> KalmanPredictor(net)(torch.randn(4, 3, 8, 8)).shape

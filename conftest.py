@@ -1,0 +1,27 @@
+"""pytest set-up shared by the test suite and the library's doctests.
+
+``pytest`` (see ``testpaths`` in pyproject.toml) also runs the docstring examples of the library
+wing, ``src/kalmannorm`` without the training harness: they see ``torch`` and ``nn`` imported, as
+in PyTorch's own docstrings, and any warning they raise is an error, so that no example shows a
+user the library's warnings.
+"""
+import pytest
+import torch
+from torch import nn
+
+# The lab wing: examples there are shell commands or need the `train` extra.
+collect_ignore = ["src/kalmannorm/harness"] + [
+    f"src/kalmannorm/{name}.py" for name in ("bench", "cli", "data", "models", "records",
+                                             "report", "train")
+]
+
+
+@pytest.fixture(autouse=True)
+def _doctest_imports(doctest_namespace):
+    doctest_namespace.update(torch=torch, nn=nn)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if isinstance(item, pytest.DoctestItem):
+            item.add_marker(pytest.mark.filterwarnings("error"))
