@@ -7,6 +7,8 @@ and that the priors were used. A refusal is recorded with the op the analytic pr
 rule for. Detection models are measured on their backbone (the part a user converts, see the
 README's detection recipe); timm's ``BatchNormAct2d`` is split into BatchNorm + drop + act
 before the conversion (``split_norm_act``) until ``convert_batchnorm`` converts it itself.
+Needs torchvision and timm (``pip install torchvision timm`` with torch pinned); where the
+torchvision wheel's C++ ops do not load, ``register_nms`` defines a pure-torch ``nms``.
 
     python experiments/analytic_acceptance.py --label after          # all models -> record
     python experiments/analytic_acceptance.py --only resnet18 --label x --no-write
