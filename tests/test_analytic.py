@@ -172,6 +172,22 @@ PIPES = {
     "scalar mul/div": (lambda a: 2.5 * a / 4.0 - 1.0, 3, {}),
     "parameter affine": (_Scale((3, 1, 1)), 3, {}),
     "dropout": (nn.Dropout(0.3), 3, {}),
+    "nn.MaxPool2d": (nn.MaxPool2d(2), 3, {}),
+    "adaptive max": (lambda a: F.adaptive_max_pool2d(a, 3), 3, {}),
+    # One nonlinearity per pipe: a second one would see a non-Gaussian input, which the rules
+    # (moment matching) take as Gaussian.
+    "nn.ReLU6": (nn.ReLU6(), 3, {}),
+    "nn.Hardswish": (nn.Hardswish(), 3, {}),
+    "F.hardsigmoid": (F.hardsigmoid, 3, {}),
+    "nn.SiLU": (nn.SiLU(), 3, {}),
+    "F.gelu": (F.gelu, 3, {}),
+    "Tensor.sigmoid": (lambda a: a.sigmoid(), 3, {}),
+    "squeeze-excitation": (lambda a, b: a * torch.sigmoid(b.mean((2, 3), keepdim=True)), 3,
+                           {"two": True}),
+    "upsample": (nn.Upsample(scale_factor=2, mode="bilinear"), 3, {}),
+    "getitem, split": (lambda a: torch.cat([a[:, 1:], a.split(1, 1)[0]], 1), 3, {}),
+    "channel shuffle": (lambda a: a.view(a.shape[0], 3, 1, 4, 4).transpose(1, 2).reshape(
+        a.shape[0], 3, 4, 4), 3, {}),
     "eval BatchNorm2d": (_eval_bn(3), 3, {}),
 }
 
@@ -422,11 +438,11 @@ class _Head(nn.Module):
 
 
 @pytest.mark.parametrize("mid, needle", [
-    (nn.MaxPool2d(2), "MaxPool2d"),
-    (lambda a: F.max_pool2d(a, 2), "max_pool2d"),
-    (torch.sigmoid, "sigmoid"),
-    (nn.GELU(), "GELU"),
-    (lambda a: a * a, "mul"),
+    (nn.Softmax(dim=1), "Softmax"),
+    (lambda a: F.softmax(a, 1), "softmax"),
+    (torch.exp, "exp"),
+    (lambda a: a / F.relu(a), "truediv"),
+    (lambda a: torch.matmul(a, a.transpose(2, 3)), "matmul"),
 ])
 def test_unsupported_op_raises_at_conversion(mid, needle):
     with pytest.raises(NotImplementedError, match=needle) as info:
@@ -441,9 +457,9 @@ def test_ops_after_last_layer_need_no_rule():
 
 
 def test_convert_refuses_before_converting():
-    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.MaxPool2d(2),
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Softmax(dim=1),
                         nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
-    with pytest.raises(NotImplementedError, match="MaxPool2d"):
+    with pytest.raises(NotImplementedError, match="Softmax"):
         convert_batchnorm(net, micro_batch=2, prediction="analytic")
     assert isinstance(net[1], nn.BatchNorm2d)  # left as it was
     with pytest.raises(ValueError, match="prediction"):
@@ -501,7 +517,7 @@ def test_wrapper_rules_match_kalman_predictor():
 
 
 def test_non_finite_prior_is_rejected_without_nan_gradients():
-    from kalmannorm.analytic import _kalman_step, _PassState
+    from kalmannorm.analytic.graph import _kalman_step, _PassState
 
     layer, state = BatchKalmanNorm2d(3, micro_batch=2), _PassState()
     state.groups = 2
