@@ -117,7 +117,7 @@ def _model_step(backend, x, rows_per_group, steps, generator_seed=3, **options):
             out.append(y.detach())
     grads = [x.grad] + [p.grad for p in model.parameters()]
     buffers = [b for b in model.buffers()]
-    return out, grads, buffers, kn.guard_counts(model)
+    return out, grads, buffers, kn.guard_report(model)
 
 
 @pytest.mark.parametrize("case", [
@@ -156,7 +156,7 @@ def test_non_finite_shadow_row_rejects_the_prior_with_finite_gradients():
             y = model.to(DEVICE)(x)
             y.sum().backward()
         assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-        assert kn.guard_counts(model) == {"fallbacks": 1, "priors": 1}
+        assert kn.guard_report(model) == {"fallbacks": 1, "priors": 1}
         results[backend] = (y, x.grad)
     for a, b in zip(results["triton"], results["composite"]):
         _close(a, b, torch.float32)

@@ -62,7 +62,8 @@ def supports(x: Tensor) -> bool:
         return False
     if not (x.is_cuda or _INTERPRET):
         return False
-    return x.dtype in _DTYPES and x.dim() >= 2 and x.numel() > 0
+    # int32 offsets in the kernels
+    return x.dtype in _DTYPES and x.dim() >= 2 and 0 < x.numel() < 2 ** 31
 
 
 @contextlib.contextmanager
