@@ -23,7 +23,7 @@ demo: install
 	$(PY) -m kalmannorm demo
 
 bench: install
-	$(PY) -m kalmannorm bench
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

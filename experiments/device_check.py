@@ -14,7 +14,7 @@ import torch
 
 import kalmannorm as kn
 from kalmannorm import _fused
-from kalmannorm.models import build_model
+from kalmannorm.harness.models import build_model
 
 
 def step(model, x, fused: bool):

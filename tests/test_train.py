@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from kalmannorm.cli import main as cli_main
-from kalmannorm.records import EPOCH_FIELDS, REQUIRED_FIELDS, read_record
-from kalmannorm.report import write_report
-from kalmannorm.train import (
+from kalmannorm.harness.cli import main as cli_main
+from kalmannorm.harness.records import EPOCH_FIELDS, REQUIRED_FIELDS, read_record
+from kalmannorm.harness.report import write_report
+from kalmannorm.harness.train import (
     Callback, PaperRecipe, ShortRecipe, TrainConfig, train, weight_decay_groups,
 )
 
@@ -170,16 +170,30 @@ def test_lazy_command_imported_only_when_chosen(monkeypatch, capsys):
     import subprocess
     import sys
 
-    from kalmannorm import cli
+    from kalmannorm.harness import cli
 
-    code = ("import sys; from kalmannorm.cli import build_parser; build_parser(['train', '--help']); "
-            "print('kalmannorm.bench' in sys.modules)")
+    code = ("import sys; from kalmannorm.harness.cli import build_parser; build_parser(['train', '--help']); "
+            "print(any(m.startswith('benchmarks') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [cli.Command("nope", "missing", module="kalmannorm.nope")])
     with pytest.raises(SystemExit):
         cli_main(["nope"])
     assert "needs kalmannorm.nope, which is not available" in capsys.readouterr().err
+
+
+def test_checkout_command_outside_a_checkout_says_how_to_run_it(monkeypatch, capsys):
+    from kalmannorm.harness import cli
+
+    assert cli._checkout_root() is not None  # these tests run from a checkout
+    bench = next(c for c in cli.COMMANDS if c.name == "bench")
+    monkeypatch.setattr(cli, "_checkout_root", lambda: None)
+    monkeypatch.setattr(cli, "COMMANDS", [c for c in cli.COMMANDS if c.name != "bench"] + [
+        cli.Command("bench", bench.help, module="nobenchmarks.cli", in_checkout=True)])
+    with pytest.raises(SystemExit):
+        cli_main(["bench"])
+    err = capsys.readouterr().err
+    assert "python -m nobenchmarks --help" in err and "make bench" in err
 
 
 def test_report_groups_seeds(tmp_path):

@@ -2,7 +2,8 @@
 
 Commands live in :data:`COMMANDS`, a table of :class:`Command` entries. A command may name a
 module instead of functions; that module (with ``add_arguments(parser)`` and ``main(args)``) is
-imported only when its command runs, e.g. ``bench`` in :mod:`kalmannorm.bench`.
+imported only when its command runs, e.g. ``bench``. A command lists the packages of the
+``train`` extra it needs; a missing one stops it before any work with the install command.
 
 Usage::
 
@@ -23,7 +24,9 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .extras import MissingExtraError, require_all
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "demo_configs"]
 
@@ -40,6 +43,8 @@ class Command:
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     main: Optional[Callable[[argparse.Namespace], Optional[int]]] = None
     module: Optional[str] = None
+    requires: Tuple[str, ...] = ()  # import names of train-extra packages (extras.TRAIN_EXTRA)
+    in_checkout: bool = False  # ``module`` lives in the source repository, not in the package
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -54,7 +59,7 @@ def _key_value(text: str):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``train``; each maps to a :class:`kalmannorm.train.TrainConfig` field."""
+    """Flags of ``train``; each maps to a :class:`kalmannorm.harness.train.TrainConfig` field."""
     from .data import DATASETS
     from .models import ARCHITECTURES
     from .train import RECIPES
@@ -139,9 +144,13 @@ def config_from_args(args: argparse.Namespace) -> List[Any]:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    from .data import DATASET_REQUIRES
     from .train import train
 
-    for config in config_from_args(args):
+    configs = config_from_args(args)
+    for config in configs:
+        require_all(DATASET_REQUIRES[config.dataset], f"kalmannorm train --dataset {config.dataset}")
+    for config in configs:
         record = train(config)
         if record["status"] not in ("complete", "incomplete"):
             return 1
@@ -225,18 +234,34 @@ def demo_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parsing
 COMMANDS: List[Command] = [
     Command("train", "train one model (one run per seed), writing a record and checkpoints",
-            add_train_arguments, train_main),
-    Command("report", "markdown table and test-error plot from run records", add_report_arguments, report_main),
+            add_train_arguments, train_main, requires=("numpy",)),
+    Command("report", "markdown table and test-error plot from run records", add_report_arguments,
+            report_main, requires=("matplotlib",)),
     Command("demo", "micro-batch comparison on the offline digits data (a few CPU minutes)",
-            add_demo_arguments, demo_main),
-    Command("bench", "speed benchmarks of the norm layers", module="kalmannorm.bench"),
+            add_demo_arguments, demo_main, requires=("numpy", "sklearn", "matplotlib")),
+    Command("bench", "speed benchmarks of the norm layers (from a source checkout; same as "
+            "`python -m benchmarks` at its root)", module="benchmarks.bench", in_checkout=True),
 ]
 
 
+def _checkout_root() -> Optional[str]:
+    """The repository root when this package runs from a source checkout (``src/`` layout)."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir))
+    return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
+
+
 def _load_module(parser: argparse.ArgumentParser, command: Command):
+    root = _checkout_root() if command.in_checkout else None
+    top = command.module.split(".")[0]
+    if root and os.path.isfile(os.path.join(root, top, "__init__.py")) and root not in sys.path:
+        sys.path.append(root)  # an editable install of a checkout: its benchmarks/ folder
     try:
         module = importlib.import_module(command.module)
     except ImportError as err:
+        if command.in_checkout and err.name is not None and err.name.split(".")[0] == top:
+            parser.error(f"the '{command.name}' command runs {top}/ of a source checkout of "
+                         f"kalmannorm, which is not installed with the package: in a clone of "
+                         f"the repository run `python -m {top} --help` (or `make {command.name}`)")
         parser.error(f"the '{command.name}' command needs {command.module}, which is not "
                      f"available in this installation ({err})")
     for attr in ("add_arguments", "main"):
@@ -247,7 +272,7 @@ def _load_module(parser: argparse.ArgumentParser, command: Command):
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The parser; a lazy command's module is imported only if ``argv`` selects it."""
-    from . import __version__
+    from kalmannorm import __version__
 
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -258,11 +283,11 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         if command.module is None:
             command.add_arguments(p)
-            p.set_defaults(_main=command.main)
+            p.set_defaults(_main=command.main, _requires=command.requires)
         elif command.name == chosen:
             module = _load_module(parser, command)
             module.add_arguments(p)
-            p.set_defaults(_main=module.main)
+            p.set_defaults(_main=module.main, _requires=command.requires)
     return parser
 
 
@@ -273,8 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        require_all(args._requires, f"kalmannorm {args.command}")
         code = args._main(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as err:
         parser.exit(2, f"kalmannorm {args.command}: error: {err}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")

@@ -20,12 +20,13 @@ Writes are atomic (temporary file + rename), so a killed run leaves the last com
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import subprocess
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 __all__ = [
     "SCHEMA",
@@ -33,6 +34,7 @@ __all__ = [
     "git_info",
     "versions",
     "now",
+    "atomic_path",
     "write_json",
     "read_record",
 ]
@@ -79,18 +81,23 @@ def _commit_from_environment() -> Tuple[Optional[str], Optional[bool]]:
 
 
 def versions() -> Dict[str, str]:
-    """Versions of the package, torch, python and numpy."""
-    import numpy
+    """Versions of the package, torch, python and numpy (``None`` where numpy is absent)."""
     import torch
 
     try:
-        from . import __version__ as package_version
+        import numpy
+    except ImportError:  # the library needs torch only; the record still says numpy was absent
+        numpy = None
+
+    try:
+        from kalmannorm import __version__ as package_version
     except ImportError:  # core package not importable (partial checkout)
         from importlib.metadata import version
 
         package_version = version("kalmannorm")
     return dict(kalmannorm=str(package_version), torch=str(torch.__version__),
-                python=platform.python_version(), numpy=numpy.__version__)
+                python=platform.python_version(),
+                numpy=None if numpy is None else numpy.__version__)
 
 
 def now() -> str:
@@ -98,14 +105,30 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (the old file survives a crash mid-write)."""
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends
+    without an exception, removed otherwise. So ``path`` holds the old file or the whole new
+    one, never half of it (a killed run, a failed download).
+
+    >>> with atomic_path("runs/x/checkpoint.pt") as tmp:  # doctest: +SKIP
+    ...     torch.save(state, tmp)
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as indented JSON atomically (the old file survives a crash mid-write)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, allow_nan=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_record(path: str) -> Dict[str, Any]:

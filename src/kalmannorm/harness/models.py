@@ -349,7 +349,7 @@ def build_model(
             "(preact_resnet accepts any depth 6n + 2)"
         )
     if isinstance(norm_layer, str):
-        from . import get_norm_layer  # lazy: the registry imports the norm modules
+        from kalmannorm import get_norm_layer  # lazy: the registry imports the norm modules
 
         norm_layer = get_norm_layer(norm_layer)
     if num_classes < 1 or in_channels < 1:

@@ -6,7 +6,7 @@ property of the norm layers and independent of the SGD batch (``batch_size``): t
 size 2" is ``batch_size=128, micro_batch=2``; a true SGD batch of 2 is ``batch_size=2,
 micro_batch=None``. Incomplete training batches are dropped, so every batch splits into groups.
 
-Every run lives in a directory holding ``record.json`` (see :mod:`kalmannorm.records`), rewritten
+Every run lives in a directory holding ``record.json`` (see :mod:`kalmannorm.harness.records`), rewritten
 after every epoch, and ``checkpoint.pt``, written after every epoch; ``resume=True`` continues
 from the checkpoint. The random state is re-derived from ``(seed, epoch, rank)`` at the start of
 every epoch, so a resumed run repeats the uninterrupted one bit for bit on the same machine.
@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kalmannorm import AnalyticKalmanPredictor, KalmanPredictor
+
 from .data import DATASETS, ImageData, epoch_batches, eval_batches, load_dataset
-from .analytic import AnalyticKalmanPredictor
 from .models import build_model
-from .prediction import KalmanPredictor
-from .records import SCHEMA, git_info, now, versions, write_json
+from .records import SCHEMA, atomic_path, git_info, now, versions, write_json
 
 __all__ = [
     "PaperRecipe",
@@ -288,7 +288,7 @@ class TrainConfig:
 
     def norm_layer(self) -> Callable[[int], nn.Module]:
         """``norm_layer(num_channels)`` from ``norm``, ``micro_batch``, ``gain``, ``norm_options``."""
-        from . import get_norm_layer
+        from kalmannorm import get_norm_layer
 
         if self.gain is not None and self.norm.lower().startswith("ghost_batchnorm"):
             raise ValueError("ghost_batchnorm is BKN with gain 0 and takes no gain; use norm='bkn' to set one")
@@ -464,7 +464,7 @@ def _load_data(config: TrainConfig, rank: int, world: int) -> ImageData:
 
 
 def _build(config: TrainConfig, data: ImageData, device: torch.device):
-    from . import has_kalman_layers
+    from kalmannorm import has_kalman_layers
 
     torch.manual_seed(config.seed)
     model = build_model(config.arch, data.num_classes, config.norm_layer(), data.in_channels,
@@ -474,7 +474,7 @@ def _build(config: TrainConfig, data: ImageData, device: torch.device):
 
 
 def _guard(model: nn.Module) -> Tuple[int, int]:
-    from . import guard_counts
+    from kalmannorm import guard_counts
 
     counts = guard_counts(model)
     return counts["fallbacks"], counts["priors"]
@@ -631,11 +631,9 @@ def _run(net, model, optimizer, data, config, recipe, state, callbacks, device, 
         record["updated_at"] = now()
         if main:
             if with_checkpoint:
-                os.makedirs(os.path.dirname(ckpt_path) or ".", exist_ok=True)
-                tmp = ckpt_path + ".tmp"
-                torch.save(dict(format="kalmannorm.checkpoint/1", model=model.state_dict(),
-                                optimizer=optimizer.state_dict(), record=record), tmp)
-                os.replace(tmp, ckpt_path)
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save(dict(format="kalmannorm.checkpoint/1", model=model.state_dict(),
+                                    optimizer=optimizer.state_dict(), record=record), tmp)
             write_json(record_path, record)
 
     for cb in callbacks:

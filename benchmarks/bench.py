@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .records import git_info, versions
+from kalmannorm.harness.records import git_info, versions
 
 __all__ = ["BenchConfig", "run_bench", "write_doc", "add_arguments", "main", "SCHEMA"]
 
@@ -252,7 +252,7 @@ def _layer_methods(shape: Tuple[int, ...], micro_batches: Sequence[int], gain: f
 def _composite_kernels():
     """Run BKN with the composite torch-op form instead of the fused kernel."""
     try:
-        from . import _fused
+        from kalmannorm import _fused
     except ImportError:  # older checkouts have only the composite form
         yield
         return
@@ -402,7 +402,7 @@ def _model_methods(arch: str, micro_batches: Sequence[int], gain: float,
 def _build_model(arch: str, spec: Dict[str, Any], device: torch.device,
                  memory_format: str) -> nn.Module:
     import kalmannorm as kn
-    from kalmannorm.models import build_model
+    from kalmannorm.harness.models import build_model
 
     num_classes = 10 if arch.startswith("preact") else 1000
     if spec["norm"] == "bkn":
@@ -534,7 +534,7 @@ def graph_breaks(arch: str = "preact_resnet20", micro_batch: int = 2, batch: int
     Returns ``{"graphs", "graph_breaks", "reasons": [str]}``.
     """
     import kalmannorm as kn
-    from kalmannorm.models import build_model
+    from kalmannorm.harness.models import build_model
 
     torch.manual_seed(0)
     model = kn.convert_batchnorm(build_model(arch, 10, kn.get_norm_layer("batchnorm")),

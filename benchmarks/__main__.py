@@ -1,0 +1,9 @@
+"""``python -m benchmarks ...`` from the repository root: see :mod:`benchmarks.bench`."""
+import argparse
+
+from .bench import __doc__ as _doc, add_arguments, main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=_doc.split("\n")[0])
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))
