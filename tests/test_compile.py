@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kalmannorm as kn
-from benchmarks.bench import graph_breaks
+from benchmarks.model import graph_breaks
 from kalmannorm.harness.models import build_model
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")

@@ -240,7 +240,7 @@ COMMANDS: List[Command] = [
     Command("demo", "micro-batch comparison on the offline digits data (a few CPU minutes)",
             add_demo_arguments, demo_main, requires=("numpy", "sklearn", "matplotlib")),
     Command("bench", "speed benchmarks of the norm layers (from a source checkout; same as "
-            "`python -m benchmarks` at its root)", module="benchmarks.bench", in_checkout=True),
+            "`python -m benchmarks` at its root)", module="benchmarks.cli", in_checkout=True),
 ]
 
 
