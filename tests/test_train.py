@@ -55,6 +55,13 @@ def test_tiny_run_writes_complete_record(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
 
 
+def test_record_names_its_run_dir_relative_to_where_it_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a git checkout: relative to the working directory
+    record = train(tiny(tmp_path, epochs=1, run_dir=os.path.join("runs", "x")))
+    assert record["run_dir"] == os.path.join("runs", "x")
+    assert read_record(os.path.join("runs", "x", "record.json"))["run_dir"] == record["run_dir"]
+
+
 def _final_state(run_dir):
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     return ckpt["model"], ckpt["optimizer"], ckpt["record"]

@@ -6,7 +6,7 @@ guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
 
     schema, label, status ("running" | "incomplete" | "complete"), complete (bool),
     config {TrainConfig fields}, recipe {name, resolved recipe fields}, seed, device, device_name,
-    world_size, global_batch_size, run_dir,
+    world_size, global_batch_size, run_dir (relative to the checkout, see repo_relative),
     git_commit (str | null), git_dirty (bool | null), versions {kalmannorm, torch, python, numpy},
     dataset {name, train_size, test_size, num_classes, image_shape, pad, flip},
     model {arch, num_parameters}, epochs_planned, epochs_done, steps_per_epoch,
@@ -32,6 +32,7 @@ __all__ = [
     "SCHEMA",
     "REQUIRED_FIELDS",
     "git_info",
+    "repo_relative",
     "versions",
     "now",
     "atomic_path",
@@ -72,6 +73,25 @@ def git_info(path: Optional[str] = None) -> Tuple[Optional[str], Optional[bool]]
         return commit.stdout.strip(), dirty
     except (OSError, subprocess.SubprocessError):
         return _commit_from_environment()
+
+
+def repo_relative(path: str) -> str:
+    """``path`` as a record stores it: relative to the root of the git checkout holding the
+    working directory (outside a checkout: to the working directory) when it lies inside, else
+    absolute. So committed records name ``runs/cifar/bn-seed0``, not a machine's home folder.
+    """
+    cwd = os.getcwd()
+    try:
+        top = subprocess.run(["git", "-C", cwd, "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=10)
+        root = top.stdout.strip() if top.returncode == 0 and top.stdout.strip() else cwd
+    except (OSError, subprocess.SubprocessError):
+        root = cwd
+    absolute = os.path.realpath(os.path.abspath(path))
+    for base in (os.path.realpath(root), os.path.realpath(cwd)):
+        if os.path.commonpath([absolute, base]) == base:
+            return os.path.relpath(absolute, base)
+    return absolute
 
 
 def _commit_from_environment() -> Tuple[Optional[str], Optional[bool]]:

@@ -36,7 +36,7 @@ from kalmannorm import AnalyticKalmanPredictor, KalmanPredictor
 
 from .data import DATASETS, ImageData, epoch_batches, eval_batches, load_dataset
 from .models import build_model
-from .records import SCHEMA, atomic_path, git_info, now, versions, write_json
+from .records import SCHEMA, atomic_path, git_info, now, repo_relative, versions, write_json
 
 __all__ = [
     "PaperRecipe",
@@ -489,7 +489,7 @@ def _new_record(config: TrainConfig, data: ImageData, model: nn.Module, recipe, 
         world_size=world, global_batch_size=config.batch_size * world, git_commit=commit, git_dirty=dirty,
         versions=versions(), dataset=data.describe(),
         model=dict(arch=config.arch, num_parameters=sum(p.numel() for p in model.parameters())),
-        run_dir=os.path.abspath(config.resolved_run_dir()), epochs_planned=recipe.epochs, epochs_done=0,
+        run_dir=repo_relative(config.resolved_run_dir()), epochs_planned=recipe.epochs, epochs_done=0,
         steps_per_epoch=steps, started_at=now(), updated_at=now(), wall_time=0.0, resumed_at=[],
         stop_reason=None, history=[], final={},
     )
