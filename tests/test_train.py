@@ -209,3 +209,18 @@ def test_report_groups_seeds(tmp_path):
     result = write_report([str(tmp_path / "s0"), str(tmp_path / "s1" / "record.json")], str(tmp_path / "out"))
     row = [line for line in result["markdown"].splitlines() if line.startswith("| mine")]
     assert len(row) == 1 and "| 2 |" in row[0] and "±" in row[0]
+
+
+def test_train_help_reads_its_defaults_from_the_dataclasses(monkeypatch, capsys):
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "batch_size")
+    monkeypatch.setattr(field, "default", 77)  # a new default shows up in the help unretyped
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "SGD batch per process (default 77)" in out
+    assert f"default: the recipe's (paper {PaperRecipe.epochs}, short {ShortRecipe.epochs})" in out
+    assert f"paper {PaperRecipe.lr:g}, short {ShortRecipe.lr:g}" in out
+    for name in ("norm", "arch", "prediction", "eval_batch_size", "device"):
+        assert f"default {getattr(TrainConfig(), name)})" in out

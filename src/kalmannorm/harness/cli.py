@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -58,49 +59,68 @@ def _key_value(text: str):
         return key, value
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``train``; each maps to a :class:`kalmannorm.harness.train.TrainConfig` field."""
-    from .data import DATASETS
-    from .models import ARCHITECTURES
+def _field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name`` of ``cls``: help text shows it, never a copy."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _per_recipe(name: str) -> str:
+    """``"short 10, paper 400"``: a recipe field's default in every recipe."""
     from .train import RECIPES
+
+    return ", ".join(f"{key} {_field_default(recipe, name):g}" for key, recipe in RECIPES.items())
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``train``; each maps to a :class:`kalmannorm.harness.train.TrainConfig` field,
+    and the defaults the help shows are read from those fields."""
+    from .data import DATASETS, DEFAULT_DATA_DIR
+    from .models import ARCHITECTURES, DEFAULT_WIDTH
+    from .train import PREDICTIONS, RECIPES, TrainConfig
+
+    def default(name: str) -> str:
+        return f"default {_field_default(TrainConfig, name)}"
 
     # Flags default to None: only the ones given override --config and the dataclass defaults.
     p.add_argument("--config", metavar="JSON", help="JSON file of TrainConfig fields (unknown keys fail)")
     g = p.add_argument_group("method")
     g.add_argument("--norm", help="norm registry name: batchnorm, ghost_batchnorm, groupnorm, "
-                   "layernorm, instancenorm, batchrenorm, bkn (default batchnorm)")
+                   f"layernorm, instancenorm, batchrenorm, bkn ({default('norm')})")
     g.add_argument("--micro-batch", type=int, help="rows per statistics group (default: whole batch)")
     g.add_argument("--gain", type=float, help="BKN gain p, the weight on the prediction (e.g. 0.9)")
-    g.add_argument("--prediction", choices=("sampled", "analytic"),
-                   help="BKN layer-to-layer prediction: sampled shadow rows (default, the released "
-                   "code) or analytic moment propagation")
+    g.add_argument("--prediction", choices=tuple(PREDICTIONS),
+                   help="BKN layer-to-layer prediction: sampled shadow rows (the released code) or "
+                   f"analytic moment propagation ({default('prediction')})")
     g.add_argument("--norm-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="extra norm constructor option (JSON value), repeatable, e.g. num_groups=4")
     g.add_argument("--label", help="method name in reports (default from norm, gain, micro-batch)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--arch", help=f"{', '.join(ARCHITECTURES)}; any preact_resnet6n+2 (default preact_resnet20)")
-    g.add_argument("--width", type=int, help="base width (default 16 preact, 64 resnet)")
+    g.add_argument("--arch", help=f"{', '.join(ARCHITECTURES)}; any preact_resnet6n+2 ({default('arch')})")
+    g.add_argument("--width", type=int, help="base width (default " + ", ".join(
+        f"{w} {family}" for family, w in DEFAULT_WIDTH.items()) + ")")
     g.add_argument("--model-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="resnet* option: stem=cifar, zero_init_residual=true")
-    g.add_argument("--dataset", choices=DATASETS, help="default digits (offline)")
-    g.add_argument("--data-dir", help="CIFAR directory (default data) or image-folder root")
+    g.add_argument("--dataset", choices=DATASETS, help=f"{default('dataset')} (offline)")
+    g.add_argument("--data-dir", help=f"CIFAR directory (default {DEFAULT_DATA_DIR}) or image-folder root")
     g.add_argument("--download", action="store_true", default=None, help="fetch CIFAR if missing")
     g.add_argument("--image-size", type=int, help="resize folder images to SIZE x SIZE")
     g.add_argument("--limit-train", type=int, help="train on a fixed random subset of this size")
     g.add_argument("--limit-test", type=int, help="test on a fixed random subset of this size")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     g = p.add_argument_group("optimization")
-    g.add_argument("--recipe", choices=list(RECIPES), help="short (default) or paper (released schedule)")
-    g.add_argument("--epochs", type=int, help="default: the recipe's (short 10, paper 400)")
-    g.add_argument("--lr", type=float, help="peak/main learning rate (default: the recipe's)")
-    g.add_argument("--weight-decay", type=float, help="on conv and linear weights (default: the recipe's)")
+    g.add_argument("--recipe", choices=list(RECIPES), help=f"short or paper (released schedule); {default('recipe')}")
+    g.add_argument("--epochs", type=int, help=f"default: the recipe's ({_per_recipe('epochs')})")
+    g.add_argument("--lr", type=float, help=f"peak/main learning rate (default: the recipe's, {_per_recipe('lr')})")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"on conv and linear weights (default: the recipe's, {_per_recipe('weight_decay')})")
     g.add_argument("--recipe-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="other recipe field, e.g. warmup_fraction=0.1")
-    g.add_argument("--batch-size", type=int, help="SGD batch per process (default 128)")
-    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help=f"SGD batch per process ({default('batch_size')})")
+    g.add_argument("--eval-batch-size", type=int, help=f"test batch ({default('eval_batch_size')})")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, nargs="+", help="one run per seed (default 0)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, nargs="+", help=f"one run per seed ({default('seed')})")
+    g.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... ({default('device')})")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
     g.add_argument("--run-dir", help="default runs/<label>-seed<seed>; with several seeds, DIR/seed<seed>")
@@ -206,10 +226,15 @@ def demo_configs(epochs: int = 15, seeds: Sequence[int] = (0,), out: str = os.pa
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=15, help="epochs per run (default 15)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="directory (default runs/demo)")
-    p.add_argument("--device", default="auto")
+    from .train import TrainConfig
+
+    demo = inspect.signature(demo_configs).parameters
+    p.add_argument("--epochs", type=int, default=demo["epochs"].default,
+                   help="epochs per run (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(demo["seeds"].default),
+                   help="seeds (default %(default)s)")
+    p.add_argument("--out", default=demo["out"].default, help="directory (default %(default)s)")
+    p.add_argument("--device", default=_field_default(TrainConfig, "device"), help="(default %(default)s)")
     p.add_argument("--threads", type=int)
     p.add_argument("--fresh", action="store_true", help="start the runs again instead of resuming them")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")

@@ -489,6 +489,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
 
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DEFAULT_DATA_DIR = "data"  # where the CIFAR loaders look without a data directory
 # packages of the train extra each dataset's loader imports
 DATASET_REQUIRES = {"digits": ("numpy", "sklearn"), "cifar10": ("numpy",), "cifar100": ("numpy",),
                     "folder": ("numpy", "PIL")}
@@ -504,7 +505,7 @@ def load_dataset(
     if name == "digits":
         return load_digits()
     if name in ("cifar10", "cifar100"):
-        return load_cifar(root or "data", 10 if name == "cifar10" else 100, download=download)
+        return load_cifar(root or DEFAULT_DATA_DIR, 10 if name == "cifar10" else 100, download=download)
     if name == "folder":
         if root is None:
             raise ValueError("dataset 'folder' needs a data directory (data_dir / --data-dir)")

@@ -503,9 +503,30 @@ def _check_resumable(config: TrainConfig, saved: Dict[str, Any], path: str) -> N
         raise ValueError(f"cannot resume {path}: the config differs ({detail}); use another run_dir")
 
 
-def _train_epoch(net, optimizer, data: ImageData, config: TrainConfig, recipe, state: RunState,
-                 callbacks: Sequence[Callback], device: torch.device) -> Tuple[float, float, float]:
+@dataclass
+class _Session:
+    """What one call of :func:`train` works with once everything is built: the network as called
+    (``net``: with its predictor and DDP wrappers) and unwrapped (``model``), the optimizer, the
+    data on the device, the resolved recipe, the state callbacks see, and where it writes."""
+
+    net: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: ImageData
+    config: TrainConfig
+    recipe: Any
+    state: RunState
+    callbacks: Sequence[Callback]
+    device: torch.device
+    record_path: str
+    ckpt_path: str
+    started: float  # time.perf_counter() at the start of this session
+
+
+def _train_epoch(session: _Session) -> Tuple[float, float, float]:
     """One epoch on this rank's shard; returns global ``(mean loss, error rate, last lr)``."""
+    net, optimizer, data, config = session.net, session.optimizer, session.data, session.config
+    recipe, state, callbacks, device = session.recipe, session.state, session.callbacks, session.device
     epoch = state.epoch
     order = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, 1))  # same on all ranks
     augment = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, 2, state.rank))
@@ -614,15 +635,17 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
             callbacks = list(callbacks)
         elif not callbacks or not any(isinstance(c, (LogLines, ProgressBar)) for c in callbacks):
             callbacks = [ProgressBar() if config.progress else LogLines(), *callbacks]
-        return _run(net, model, optimizer, data, config, recipe, state, callbacks, device,
-                    record_path, ckpt_path, session_start)
+        return _run(_Session(net, model, optimizer, data, config, recipe, state, callbacks, device,
+                             record_path, ckpt_path, session_start))
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
-def _run(net, model, optimizer, data, config, recipe, state, callbacks, device, record_path,
-         ckpt_path, session_start) -> Dict[str, Any]:
+def _run(session: _Session) -> Dict[str, Any]:
+    model, optimizer, data, config = session.model, session.optimizer, session.data, session.config
+    recipe, state, callbacks, device = session.recipe, session.state, session.callbacks, session.device
+    record_path, ckpt_path, session_start = session.record_path, session.ckpt_path, session.started
     record, main = state.record, state.rank == 0
     wall_before = record["wall_time"]
 
@@ -645,7 +668,7 @@ def _run(net, model, optimizer, data, config, recipe, state, callbacks, device, 
         while state.epoch < recipe.epochs:
             epoch_start = time.perf_counter()
             guard_before = _guard(model)
-            train_loss, train_err, lr = _train_epoch(net, optimizer, data, config, recipe, state, callbacks, device)
+            train_loss, train_err, lr = _train_epoch(session)
             _sync_buffers(model, state.world_size)
             test_loss, test_err = evaluate(model, data, config.eval_batch_size, rank=state.rank,
                                            world_size=state.world_size, amp=config.amp)
