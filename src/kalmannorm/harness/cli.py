@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .extras import MissingExtraError, require_all
+from .train import Terminated
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "demo_configs"]
 
@@ -165,11 +166,12 @@ def config_from_args(args: argparse.Namespace) -> List[Any]:
 
 def train_main(args: argparse.Namespace) -> int:
     from .data import DATASET_REQUIRES
-    from .train import train
+    from .train import check_run_dir, train
 
-    configs = config_from_args(args)
+    configs = config_from_args(args)  # every config validated before the first run starts
     for config in configs:
         require_all(DATASET_REQUIRES[config.dataset], f"kalmannorm train --dataset {config.dataset}")
+        check_run_dir(config)
     for config in configs:
         record = train(config)
         if record["status"] not in ("complete", "incomplete"):
@@ -329,4 +331,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(2, f"kalmannorm {args.command}: error: {err}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")
+    except Terminated:
+        parser.exit(143, "terminated (SIGTERM)\n")
     return int(code or 0)

@@ -11,7 +11,8 @@ guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
     dataset {name, train_size, test_size, num_classes, image_shape, pad, flip},
     model {arch, num_parameters}, epochs_planned, epochs_done, steps_per_epoch,
     started_at, updated_at (ISO 8601 UTC), wall_time (s, summed over sessions), resumed_at [epoch],
-    stop_reason (null | "time_limit" | "finished"),
+    stop_reason (null | "finished" | "time_limit" | "interrupted" (Ctrl-C) |
+                 "terminated (SIGTERM)" | "non-finite training loss" | "error: ..."),
     history [{epoch, lr, steps, train_loss, train_error, test_loss, test_error, epoch_time,
               wall_time, guard_fallbacks, guard_priors}],  # errors are fractions in [0, 1]
     final {train_loss, train_error, test_loss, test_error}

@@ -18,11 +18,14 @@ its own micro-batch statistics. ``batch_size`` is per rank (the global SGD batch
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -48,6 +51,8 @@ __all__ = [
     "ProgressBar",
     "RunState",
     "train",
+    "check_run_dir",
+    "Terminated",
     "weight_decay_groups",
     "default_label",
 ]
@@ -61,6 +66,26 @@ def _from_dict(cls, values: Dict[str, Any], what: str):
     if unknown:
         raise ValueError(f"unknown {what} keys {unknown}; valid keys: {', '.join(sorted(names))}")
     return cls(**values)
+
+
+def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
+    """``ValueError("lr must be > 0 (got -0.1)")`` unless ``condition``."""
+    if not condition:
+        raise ValueError(f"{name} must be {allowed} (got {value!r})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optimizer_fields(recipe: Any) -> None:
+    """Fields every recipe shares: a positive number of epochs, a positive rate, momentum in
+    [0, 1) and a non-negative weight decay."""
+    _check(isinstance(recipe.epochs, int) and recipe.epochs >= 1, "epochs", recipe.epochs, "an integer >= 1")
+    _check(_is_number(recipe.lr) and recipe.lr > 0, "lr", recipe.lr, "a finite number > 0")
+    _check(_is_number(recipe.momentum) and 0 <= recipe.momentum < 1, "momentum", recipe.momentum, "in [0, 1)")
+    _check(_is_number(recipe.weight_decay) and recipe.weight_decay >= 0, "weight_decay",
+           recipe.weight_decay, "a finite number >= 0")
 
 
 # ---------------------------------------------------------------------------------------- recipes
@@ -94,6 +119,13 @@ class PaperRecipe:
         self.milestones, self.milestone_lrs = tuple(self.milestones), tuple(self.milestone_lrs)
         if len(self.milestones) != len(self.milestone_lrs) or list(self.milestones) != sorted(self.milestones):
             raise ValueError("milestones must be increasing and match milestone_lrs one to one")
+        _check_optimizer_fields(self)
+        for name in ("warmup_lr", "milestone_lrs"):
+            values = getattr(self, name)
+            _check(all(_is_number(v) and v >= 0 for v in (values if isinstance(values, tuple) else (values,))),
+                   name, values, "finite and >= 0")
+        _check(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warmup_epochs",
+               self.warmup_epochs, "an integer >= 0")
 
     def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         if epoch < self.warmup_epochs:
@@ -134,6 +166,11 @@ class ShortRecipe:
     def __post_init__(self) -> None:
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
+        _check_optimizer_fields(self)
+        _check(_is_number(self.start_factor) and self.start_factor >= 0, "start_factor",
+               self.start_factor, "a finite number >= 0")
+        _check(_is_number(self.final_lr) and 0 <= self.final_lr <= self.lr, "final_lr", self.final_lr,
+               f"in [0, lr={self.lr}]")
 
     def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         t = (epoch * steps_per_epoch + step) / max(1, self.epochs * steps_per_epoch)
@@ -245,24 +282,59 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field before any work starts; ``ValueError`` names the field and what is
+        allowed. Also resolves the recipe and builds the model on the ``meta`` device (no memory,
+        no data), so that a bad architecture, model or norm option fails here, not after an epoch.
+        """
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(DATASETS)}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive (got {self.batch_size})")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of "
+                             f"{', '.join(PREDICTIONS)}")
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        for name in ("width", "image_size", "limit_train", "limit_test", "threads"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value >= 1), name, value,
+                   "an integer >= 1 or None")
         if self.micro_batch is not None:
-            if self.micro_batch < 1 or self.batch_size % self.micro_batch:
+            if not isinstance(self.micro_batch, int) or self.micro_batch < 1 \
+                    or self.batch_size % self.micro_batch:
                 raise ValueError(
                     f"batch_size {self.batch_size} does not split into groups of micro_batch="
                     f"{self.micro_batch}; use a batch size that is a multiple of it"
                 )
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of "
-                             f"{', '.join(PREDICTIONS)}")
-        if self.time_limit is not None and self.time_limit < 0:
-            raise ValueError(f"time_limit must be >= 0 seconds (got {self.time_limit})")
-        self.resolved_recipe()  # fail early on bad recipe options
+        _check(self.gain is None or (_is_number(self.gain) and 0 <= self.gain <= 1), "gain", self.gain,
+               "in [0, 1] or None")
+        _check(self.time_limit is None or (_is_number(self.time_limit) and self.time_limit >= 0),
+               "time_limit", self.time_limit, "a number of seconds >= 0 or None")
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("dataset 'folder' needs a data directory (data_dir / --data-dir)")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"unknown device {self.device!r}; expected auto, cpu, cuda, "
+                                 "cuda:1, ...") from None
+        self.resolved_recipe()  # epochs, lr, weight_decay and recipe options
+        self._check_model()
+
+    def _check_model(self) -> None:
+        # Shapes do not depend on the data's classes and channels: 10 and 3 stand in for them.
+        try:
+            with torch.device("meta"):
+                build_model(self.arch, 10, self.norm_layer(), 3, width=self.width, **self.model_options)
+        except TypeError as err:
+            raise ValueError(
+                f"norm {self.norm!r} or architecture {self.arch!r} does not take these options "
+                f"({err}); for BatchNorm over micro-batches use norm='ghost_batchnorm'"
+            ) from None
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
@@ -297,15 +369,7 @@ class TrainConfig:
             kw["micro_batch"] = self.micro_batch
         if self.gain is not None:
             kw["gain"] = self.gain
-        factory = get_norm_layer(self.norm, **kw)
-        try:
-            factory(4)
-        except TypeError as err:
-            raise ValueError(
-                f"norm {self.norm!r} does not take options {sorted(kw)} ({err}); for BatchNorm "
-                "over micro-batches use norm='ghost_batchnorm'"
-            ) from None
-        return factory
+        return get_norm_layer(self.norm, **kw)
 
 
 # -------------------------------------------------------------------------------------- callbacks
@@ -495,6 +559,62 @@ def _new_record(config: TrainConfig, data: ImageData, model: nn.Module, recipe, 
     )
 
 
+CHECKPOINT_FORMAT = "kalmannorm.checkpoint/1"
+
+
+def check_run_dir(config: TrainConfig) -> Tuple[str, str]:
+    """``(record path, checkpoint path)`` of the run; ``FileExistsError`` if a run is there and
+    ``config`` says neither to resume nor to overwrite it."""
+    run_dir = config.resolved_run_dir()
+    record_path, ckpt_path = os.path.join(run_dir, "record.json"), os.path.join(run_dir, "checkpoint.pt")
+    if os.path.exists(record_path) and not (config.resume or config.overwrite):
+        raise FileExistsError(f"{record_path} exists; pass resume=True (--resume) to continue it "
+                              "or overwrite=True (--overwrite) to start again")
+    return record_path, ckpt_path
+
+
+def _load_checkpoint(path: str, device: torch.device) -> Dict[str, Any]:
+    """The checkpoint of a run, or a ``ValueError`` naming the file and how to start over."""
+    start_over = ("restore the file, or start the run again with overwrite=True (--overwrite) "
+                  "instead of resume=True (--resume)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated zip, corrupted pickle, EOF, ...
+        raise ValueError(f"cannot resume from {path}: the checkpoint is unreadable, truncated or "
+                         f"corrupted ({type(err).__name__}: {err}); {start_over}") from None
+    keys = ("model", "optimizer", "record")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or \
+            any(k not in ckpt for k in keys) or "config" not in ckpt["record"]:
+        raise ValueError(f"cannot resume from {path}: not a {CHECKPOINT_FORMAT} checkpoint with "
+                         f"{', '.join(keys)}; {start_over}")
+    return ckpt
+
+
+class Terminated(BaseException):
+    """Raised in :func:`train` when the process receives SIGTERM; like ``KeyboardInterrupt``
+    (not an ``Exception``), so that the run records how it stopped and then ends."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` while training, where the process would otherwise
+    die without a word (batch schedulers, ``timeout``, ``kill``). Only from the main thread and
+    only when no one else handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _check_resumable(config: TrainConfig, saved: Dict[str, Any], path: str) -> None:
     current = asdict(config)
     diffs = [k for k in current if k not in _RUNTIME_FIELDS and saved.get(k) != current[k]]
@@ -597,12 +717,18 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    config.validate()  # fields may have been changed since construction
     session_start = time.perf_counter()
+    record_path, ckpt_path = check_run_dir(config)
+    resuming = config.resume and os.path.exists(ckpt_path)
     if config.threads:
         torch.set_num_threads(config.threads)
     device, rank, world, own_group = _setup_device(config)
     try:
         recipe = config.resolved_recipe()
+        ckpt = _load_checkpoint(ckpt_path, device) if resuming else None
+        if ckpt is not None:
+            _check_resumable(config, ckpt["record"]["config"], ckpt_path)
         data = _load_data(config, rank, world)
         # The subset is fixed (seed 0) so that runs with different seeds see the same examples.
         data = data.subset(config.limit_train, config.limit_test, seed=0).to(device)
@@ -610,22 +736,13 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
         steps = data.train_x.shape[0] // world // config.batch_size
         optimizer = torch.optim.SGD(weight_decay_groups(model, recipe.weight_decay), lr=0.0,
                                     momentum=recipe.momentum, nesterov=recipe.nesterov)
-        run_dir = config.resolved_run_dir()
-        record_path, ckpt_path = os.path.join(run_dir, "record.json"), os.path.join(run_dir, "checkpoint.pt")
         record = _new_record(config, data, model, recipe, device, world, steps)
-        if config.resume and os.path.exists(ckpt_path):
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-            _check_resumable(config, ckpt["record"]["config"], ckpt_path)
+        if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             record = ckpt["record"]
             record["resumed_at"].append(record["epochs_done"])
             record.update(status="running", complete=False, stop_reason=None)
-        elif os.path.exists(record_path) and not (config.resume or config.overwrite):
-            raise FileExistsError(
-                f"{record_path} exists; pass resume=True (--resume) to continue it or "
-                "overwrite=True (--overwrite) to start again"
-            )
         if world > 1:
             ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
             net = nn.parallel.DistributedDataParallel(net, **ddp_kw)
@@ -635,8 +752,9 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
             callbacks = list(callbacks)
         elif not callbacks or not any(isinstance(c, (LogLines, ProgressBar)) for c in callbacks):
             callbacks = [ProgressBar() if config.progress else LogLines(), *callbacks]
-        return _run(_Session(net, model, optimizer, data, config, recipe, state, callbacks, device,
-                             record_path, ckpt_path, session_start))
+        with _sigterm_raises():
+            return _run(_Session(net, model, optimizer, data, config, recipe, state, callbacks,
+                                 device, record_path, ckpt_path, session_start))
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -655,7 +773,7 @@ def _run(session: _Session) -> Dict[str, Any]:
         if main:
             if with_checkpoint:
                 with atomic_path(ckpt_path) as tmp:
-                    torch.save(dict(format="kalmannorm.checkpoint/1", model=model.state_dict(),
+                    torch.save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(),
                                     optimizer=optimizer.state_dict(), record=record), tmp)
             write_json(record_path, record)
 
@@ -698,7 +816,9 @@ def _run(session: _Session) -> Dict[str, Any]:
                 break
     except BaseException as err:
         if record["status"] == "running":
-            _finish(record, "incomplete", "interrupted" if isinstance(err, KeyboardInterrupt) else f"error: {err!r}")
+            reason = ("interrupted" if isinstance(err, KeyboardInterrupt) else
+                      "terminated (SIGTERM)" if isinstance(err, Terminated) else f"error: {err!r}")
+            _finish(record, "incomplete", reason)
             save(False)
         raise
     for cb in callbacks:
