@@ -117,29 +117,12 @@ def brief(summary: Dict[str, Dict[str, Any]]) -> str:
                      for k, v in summary.items())
 
 
-@contextlib.contextmanager
 def composite_backend():
-    """Run BKN with the composite torch-op form (the reference) instead of a fused kernel.
-
-    The library's public switch ``kalmannorm.use_backend("composite")``; a library without it
-    (before the functional/ backends) honours ``KALMANNORM_FUSED=0``, read at every call.
-    """
+    """Run BKN with the composite torch-op form (the reference backend) instead of the default
+    kernels: the library's public switch, ``kalmannorm.use_backend("composite")``."""
     import kalmannorm
 
-    use_backend = getattr(kalmannorm, "use_backend", None)
-    if use_backend is not None:
-        with use_backend("composite"):
-            yield
-        return
-    before = os.environ.get("KALMANNORM_FUSED")
-    os.environ["KALMANNORM_FUSED"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["KALMANNORM_FUSED"]
-        else:
-            os.environ["KALMANNORM_FUSED"] = before
+    return kalmannorm.use_backend("composite")
 
 
 def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None,

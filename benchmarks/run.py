@@ -103,7 +103,8 @@ def resolve(config: BenchConfig) -> BenchConfig:
 
 
 def verify_fused(device: torch.device) -> Dict[str, Any]:
-    """The default kernels against the composite form on ``device``: largest relative differences.
+    """The default kernels (backend ``auto``: Triton on CUDA, the fused kernel on the CPU) against
+    the composite form on ``device``: largest relative differences.
 
     A converted two-layer conv net (shadow rows, prior, samples) and the functional step with a
     supplied prior, float32 and bfloat16 autocast, output and every gradient. Returns
