@@ -1,4 +1,5 @@
-"""Training harness: dataclass configs, learning-rate recipes and an importable :func:`train`.
+"""Training harness: the importable :func:`train` (config in :mod:`.config`, learning-rate
+recipes in :mod:`.recipes`, callbacks in :mod:`.callbacks`; all importable from here).
 
 Follows the released BKN CIFAR protocol (``docs/method.md`` section 6) as the ``paper`` recipe
 and offers a ``short`` recipe that fits a CPU. The statistics group size (``micro_batch``) is a
@@ -6,8 +7,8 @@ property of the norm layers and independent of the SGD batch (``batch_size``): t
 size 2" is ``batch_size=128, micro_batch=2``; a true SGD batch of 2 is ``batch_size=2,
 micro_batch=None``. Incomplete training batches are dropped, so every batch splits into groups.
 
-Every run lives in a directory holding ``record.json`` (see :mod:`kalmannorm.harness.records`), rewritten
-after every epoch, and ``checkpoint.pt``, written after every epoch; ``resume=True`` continues
+Every run lives in a directory holding ``record.json`` (see :mod:`kalmannorm.harness.records`),
+rewritten after every epoch, and ``checkpoint.pt``, written after every epoch; ``resume=True`` continues
 from the checkpoint. The random state is re-derived from ``(seed, epoch, rank)`` at the start of
 every epoch, so a resumed run repeats the uninterrupted one bit for bit on the same machine.
 
@@ -19,28 +20,28 @@ its own micro-batch statistics. ``batch_size`` is per rank (the global SGD batch
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from kalmannorm import AnalyticKalmanPredictor, KalmanPredictor
-
-from .data import DATASETS, ImageData, epoch_batches, eval_batches, load_dataset
+from .callbacks import Callback, LogLines, ProgressBar, RunState
+from .config import PREDICTIONS, RUNTIME_FIELDS, TrainConfig, default_label
+from .data import ImageData, epoch_batches, eval_batches, load_dataset
 from .models import build_model
+from .recipes import RECIPES, PaperRecipe, ShortRecipe, weight_decay_groups
 from .records import SCHEMA, atomic_path, git_info, now, repo_relative, versions, write_json
 
+# The run's building blocks live in recipes, config and callbacks; they are importable from here.
 __all__ = [
     "PaperRecipe",
     "ShortRecipe",
@@ -51,6 +52,7 @@ __all__ = [
     "ProgressBar",
     "RunState",
     "train",
+    "evaluate",
     "check_run_dir",
     "Terminated",
     "weight_decay_groups",
@@ -58,421 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _from_dict(cls, values: Dict[str, Any], what: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} keys {unknown}; valid keys: {', '.join(sorted(names))}")
-    return cls(**values)
-
-
-def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
-    """``ValueError("lr must be > 0 (got -0.1)")`` unless ``condition``."""
-    if not condition:
-        raise ValueError(f"{name} must be {allowed} (got {value!r})")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_optimizer_fields(recipe: Any) -> None:
-    """Fields every recipe shares: a positive number of epochs, a positive rate, momentum in
-    [0, 1) and a non-negative weight decay."""
-    _check(isinstance(recipe.epochs, int) and recipe.epochs >= 1, "epochs", recipe.epochs, "an integer >= 1")
-    _check(_is_number(recipe.lr) and recipe.lr > 0, "lr", recipe.lr, "a finite number > 0")
-    _check(_is_number(recipe.momentum) and 0 <= recipe.momentum < 1, "momentum", recipe.momentum, "in [0, 1)")
-    _check(_is_number(recipe.weight_decay) and recipe.weight_decay >= 0, "weight_decay",
-           recipe.weight_decay, "a finite number >= 0")
-
-
-# ---------------------------------------------------------------------------------------- recipes
-@dataclass
-class PaperRecipe:
-    """The released code's full CIFAR schedule (``docs/method.md`` section 6).
-
-    SGD with momentum 0.9 (no Nesterov), weight decay 2e-4 on convolution and linear weights
-    only; learning rate (constant within an epoch, epochs counted from 0)::
-
-        0.01 for epoch 0, 0.1 until epoch 82, 0.01 until 123, 0.001 until 300, 0.0002 until 400
-
-    Args:
-        epochs: 400.
-        lr: the main rate, 0.1; ``warmup_lr`` 0.01 for the first ``warmup_epochs`` (1).
-        milestones / milestone_lrs: the rate from each milestone epoch on.
-    """
-
-    name: ClassVar[str] = "paper"
-    epochs: int = 400
-    lr: float = 0.1
-    warmup_lr: float = 0.01
-    warmup_epochs: int = 1
-    milestones: Tuple[int, ...] = (82, 123, 300)
-    milestone_lrs: Tuple[float, ...] = (0.01, 0.001, 0.0002)
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 2e-4
-
-    def __post_init__(self) -> None:
-        self.milestones, self.milestone_lrs = tuple(self.milestones), tuple(self.milestone_lrs)
-        if len(self.milestones) != len(self.milestone_lrs) or list(self.milestones) != sorted(self.milestones):
-            raise ValueError("milestones must be increasing and match milestone_lrs one to one")
-        _check_optimizer_fields(self)
-        for name in ("warmup_lr", "milestone_lrs"):
-            values = getattr(self, name)
-            _check(all(_is_number(v) and v >= 0 for v in (values if isinstance(values, tuple) else (values,))),
-                   name, values, "finite and >= 0")
-        _check(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warmup_epochs",
-               self.warmup_epochs, "an integer >= 0")
-
-    def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr
-        lr = self.lr
-        for milestone, value in zip(self.milestones, self.milestone_lrs):
-            if epoch >= milestone:
-                lr = value
-        return lr
-
-
-@dataclass
-class ShortRecipe:
-    """A schedule that fits a CPU: SGD Nesterov 0.9, linear warm-up then cosine, per step.
-
-    The rate rises linearly from ``lr * start_factor`` to the peak ``lr`` over the first
-    ``warmup_fraction`` of all steps, then follows a half cosine down to ``final_lr`` (a
-    one-cycle shape, as the prototype of ``docs/method.md`` section 7). Weight decay 5e-4 on
-    convolution and linear weights only.
-
-    Args:
-        epochs: 10 (set with ``--epochs``).
-        lr: peak rate, 0.2.
-        warmup_fraction: 0.15. start_factor: 0.04. final_lr: 0.
-        momentum: 0.9. nesterov: True. weight_decay: 5e-4.
-    """
-
-    name: ClassVar[str] = "short"
-    epochs: int = 10
-    lr: float = 0.2
-    warmup_fraction: float = 0.15
-    start_factor: float = 0.04
-    final_lr: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
-        _check_optimizer_fields(self)
-        _check(_is_number(self.start_factor) and self.start_factor >= 0, "start_factor",
-               self.start_factor, "a finite number >= 0")
-        _check(_is_number(self.final_lr) and 0 <= self.final_lr <= self.lr, "final_lr", self.final_lr,
-               f"in [0, lr={self.lr}]")
-
-    def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        t = (epoch * steps_per_epoch + step) / max(1, self.epochs * steps_per_epoch)
-        w = self.warmup_fraction
-        if t < w:
-            start = self.lr * self.start_factor
-            return start + (self.lr - start) * t / w
-        progress = (t - w) / (1.0 - w)
-        return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-RECIPES = {"paper": PaperRecipe, "short": ShortRecipe}
-PREDICTIONS = {"sampled": KalmanPredictor, "analytic": AnalyticKalmanPredictor}
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Optimizer parameter groups: decay on convolution and linear weights, none elsewhere.
-
-    Selected by module type (``nn.modules.conv._ConvNd``, ``nn.Linear``), never by name; norm
-    weights and all biases get no decay.
-    """
-    decay, seen = [], set()
-    for module in model.modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and module.weight is not None:
-            if id(module.weight) not in seen and module.weight.requires_grad:
-                decay.append(module.weight)
-                seen.add(id(module.weight))
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
-
-
-# ----------------------------------------------------------------------------------------- config
-_SHORT_NAMES = {"batchnorm": "BN", "ghost_batchnorm": "BN", "groupnorm": "GN", "layernorm": "LN",
-                "instancenorm": "IN", "batchrenorm": "BRN", "bkn": "BKN", "batchkalmannorm": "BKN"}
-
-
-def default_label(norm: str, micro_batch: Optional[int], gain: Optional[float], batch_size: int) -> str:
-    """Human label of a method, e.g. ``"BKN (p=0.9), m=2"`` or ``"BN, batch 128"``."""
-    base = re.sub(r"(1d|2d|3d)$", "", norm.lower())
-    label = _SHORT_NAMES.get(base, norm)
-    if gain is not None:
-        label += f" (p={gain:g})"
-    if micro_batch is not None:
-        return f"{label}, m={micro_batch}"
-    return f"{label}, batch {batch_size}"
-
-
-# Fields that do not change the numbers a run produces; they may differ on resume.
-_RUNTIME_FIELDS = ("label", "device", "threads", "eval_batch_size", "run_dir", "resume", "overwrite",
-                   "time_limit", "progress", "data_dir", "download")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. Unknown keys fail loudly (:meth:`from_dict`).
-
-    Method: ``norm`` is a registry name of :func:`kalmannorm.get_norm_layer` (``batchnorm``,
-    ``ghost_batchnorm``, ``groupnorm``, ``batchrenorm``, ``bkn``, ...); ``micro_batch`` (rows per
-    statistics group, ``None`` = the whole batch) and ``gain`` (BKN's ``p``) are passed to it when
-    set, with ``norm_options``; ``prediction`` (``sampled`` or ``analytic``) picks how a model with
-    BKN layers predicts their statistics. ``label`` names the method in reports (default from
-    those fields).
-
-    Data: ``dataset`` is ``digits`` (offline default), ``cifar10``, ``cifar100`` or ``folder``
-    (``data_dir`` with one sub-folder per class); ``limit_train`` / ``limit_test`` keep a fixed
-    random subset for quick checks.
-
-    Optimization: ``recipe`` is ``short`` or ``paper`` (:class:`ShortRecipe`,
-    :class:`PaperRecipe`); ``epochs``, ``lr`` and ``weight_decay`` override the recipe's values,
-    ``recipe_options`` any other recipe field. ``batch_size`` is per process.
-
-    Run: ``device`` ``"auto"`` picks CUDA when available; ``run_dir`` defaults to
-    ``runs/<label>-seed<seed>``; ``resume`` continues from its checkpoint; ``overwrite`` replaces
-    an existing run; ``time_limit`` (seconds) stops after the epoch past which another epoch would
-    not fit; ``amp`` trains under bfloat16 autocast (BKN statistics stay float32).
-    """
-
-    label: Optional[str] = None
-    arch: str = "preact_resnet20"
-    width: Optional[int] = None
-    model_options: Dict[str, Any] = field(default_factory=dict)
-    norm: str = "batchnorm"
-    micro_batch: Optional[int] = None
-    gain: Optional[float] = None
-    prediction: str = "sampled"
-    norm_options: Dict[str, Any] = field(default_factory=dict)
-    dataset: str = "digits"
-    data_dir: Optional[str] = None
-    download: bool = False
-    image_size: Optional[int] = None
-    limit_train: Optional[int] = None
-    limit_test: Optional[int] = None
-    augment: bool = True
-    recipe: str = "short"
-    epochs: Optional[int] = None
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    recipe_options: Dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    seed: int = 0
-    device: str = "auto"
-    threads: Optional[int] = None
-    amp: bool = False
-    run_dir: Optional[str] = None
-    resume: bool = False
-    overwrite: bool = False
-    time_limit: Optional[float] = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Check every field before any work starts; ``ValueError`` names the field and what is
-        allowed. Also resolves the recipe and builds the model on the ``meta`` device (no memory,
-        no data), so that a bad architecture, model or norm option fails here, not after an epoch.
-        """
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(DATASETS)}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of "
-                             f"{', '.join(PREDICTIONS)}")
-        for name in ("batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        for name in ("width", "image_size", "limit_train", "limit_test", "threads"):
-            value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and value >= 1), name, value,
-                   "an integer >= 1 or None")
-        if self.micro_batch is not None:
-            if not isinstance(self.micro_batch, int) or self.micro_batch < 1 \
-                    or self.batch_size % self.micro_batch:
-                raise ValueError(
-                    f"batch_size {self.batch_size} does not split into groups of micro_batch="
-                    f"{self.micro_batch}; use a batch size that is a multiple of it"
-                )
-        _check(self.gain is None or (_is_number(self.gain) and 0 <= self.gain <= 1), "gain", self.gain,
-               "in [0, 1] or None")
-        _check(self.time_limit is None or (_is_number(self.time_limit) and self.time_limit >= 0),
-               "time_limit", self.time_limit, "a number of seconds >= 0 or None")
-        if self.dataset == "folder" and not self.data_dir:
-            raise ValueError("dataset 'folder' needs a data directory (data_dir / --data-dir)")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"unknown device {self.device!r}; expected auto, cpu, cuda, "
-                                 "cuda:1, ...") from None
-        self.resolved_recipe()  # epochs, lr, weight_decay and recipe options
-        self._check_model()
-
-    def _check_model(self) -> None:
-        # Shapes do not depend on the data's classes and channels: 10 and 3 stand in for them.
-        try:
-            with torch.device("meta"):
-                build_model(self.arch, 10, self.norm_layer(), 3, width=self.width, **self.model_options)
-        except TypeError as err:
-            raise ValueError(
-                f"norm {self.norm!r} or architecture {self.arch!r} does not take these options "
-                f"({err}); for BatchNorm over micro-batches use norm='ghost_batchnorm'"
-            ) from None
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping (e.g. parsed JSON); unknown keys raise ``ValueError``."""
-        return _from_dict(cls, dict(values), "config")
-
-    def resolved_recipe(self):
-        """The recipe dataclass with ``epochs``, ``lr``, ``weight_decay`` and options applied."""
-        options = dict(self.recipe_options)
-        for key in ("epochs", "lr", "weight_decay"):
-            if getattr(self, key) is not None:
-                options[key] = getattr(self, key)
-        return _from_dict(RECIPES[self.recipe], options, f"{self.recipe!r} recipe")
-
-    def resolved_label(self) -> str:
-        return self.label or default_label(self.norm, self.micro_batch, self.gain, self.batch_size)
-
-    def resolved_run_dir(self) -> str:
-        if self.run_dir:
-            return self.run_dir
-        slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", self.resolved_label()).strip("_")
-        return os.path.join("runs", f"{slug}-seed{self.seed}")
-
-    def norm_layer(self) -> Callable[[int], nn.Module]:
-        """``norm_layer(num_channels)`` from ``norm``, ``micro_batch``, ``gain``, ``norm_options``."""
-        from kalmannorm import get_norm_layer
-
-        if self.gain is not None and self.norm.lower().startswith("ghost_batchnorm"):
-            raise ValueError("ghost_batchnorm is BKN with gain 0 and takes no gain; use norm='bkn' to set one")
-        kw = dict(self.norm_options)
-        if self.micro_batch is not None:
-            kw["micro_batch"] = self.micro_batch
-        if self.gain is not None:
-            kw["gain"] = self.gain
-        return get_norm_layer(self.norm, **kw)
-
-
-# -------------------------------------------------------------------------------------- callbacks
-@dataclass
-class RunState:
-    """What callbacks see: the config, progress counters, the record being written, the model
-    (unwrapped: no KalmanPredictor or DDP) and the optimizer."""
-
-    config: TrainConfig
-    record: Dict[str, Any]
-    epochs: int
-    steps_per_epoch: int
-    rank: int = 0
-    world_size: int = 1
-    epoch: int = 0
-    step: int = 0
-    model: Optional[nn.Module] = None
-    optimizer: Optional[torch.optim.Optimizer] = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-class Callback:
-    """Hooks of :func:`train`; override any. Built-in ones run on rank 0 only, yours on every rank.
-
-    ``on_step_end`` gets the step's mean loss and error count as tensors (reading them with
-    ``.item()`` synchronizes the device, so do it sparingly).
-    """
-
-    def on_train_start(self, state: RunState) -> None: ...
-
-    def on_step_end(self, state: RunState, loss: Tensor, errors: Tensor, batch_size: int) -> None: ...
-
-    def on_epoch_end(self, state: RunState, entry: Dict[str, Any]) -> None: ...
-
-    def on_train_end(self, state: RunState, record: Dict[str, Any]) -> None: ...
-
-
-def _epoch_line(state: RunState, e: Dict[str, Any]) -> str:
-    test = "" if e["test_error"] is None else f" test_loss {e['test_loss']:.4f} test_err {100 * e['test_error']:.2f}%"
-    return (f"{state.record['label']} epoch {e['epoch'] + 1}/{state.epochs} lr {e['lr']:.4g} "
-            f"loss {e['train_loss']:.4f} err {100 * e['train_error']:.2f}%{test} ({e['epoch_time']:.1f}s)")
-
-
-class LogLines(Callback):
-    """One ``logging`` line per epoch and at the end (``--quiet``)."""
-
-    def on_train_start(self, state: RunState) -> None:
-        log.info("run %s: %d epochs x %d steps, record %s", state.record["label"], state.epochs,
-                 state.steps_per_epoch, state.record["run_dir"])
-
-    def on_epoch_end(self, state: RunState, entry: Dict[str, Any]) -> None:
-        log.info("%s", _epoch_line(state, entry))
-
-    def on_train_end(self, state: RunState, record: Dict[str, Any]) -> None:
-        log.info("run %s %s after %d epochs: test error %s", record["label"], record["status"],
-                 record["epochs_done"], _pct(record["final"].get("test_error")))
-
-
-def _pct(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
-
-
-class ProgressBar(Callback):
-    """A tqdm bar over all steps with live loss and error; falls back to :class:`LogLines`."""
-
-    def __init__(self, refresh_every: int = 10) -> None:
-        self.refresh_every = refresh_every
-        self.bar = None
-        self.fallback: Optional[LogLines] = None
-
-    def on_train_start(self, state: RunState) -> None:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            self.fallback = LogLines()
-            return self.fallback.on_train_start(state)
-        total = state.epochs * state.steps_per_epoch
-        self.bar = tqdm(total=total, initial=state.epoch * state.steps_per_epoch, desc=state.record["label"],
-                        dynamic_ncols=True, mininterval=0.5, unit="step")
-        self._loss = self._err = self._n = 0.0
-
-    def on_step_end(self, state: RunState, loss: Tensor, errors: Tensor, batch_size: int) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        if state.step % self.refresh_every == 0 or state.step == state.steps_per_epoch:
-            self.bar.set_postfix(epoch=f"{state.epoch + 1}/{state.epochs}", loss=f"{loss.item():.3f}",
-                                 err=f"{100 * errors.item() / batch_size:.1f}%", refresh=False)
-
-    def on_epoch_end(self, state: RunState, entry: Dict[str, Any]) -> None:
-        if self.fallback is not None:
-            return self.fallback.on_epoch_end(state, entry)
-        self.bar.write(_epoch_line(state, entry))
-
-    def on_train_end(self, state: RunState, record: Dict[str, Any]) -> None:
-        if self.fallback is not None:
-            return self.fallback.on_train_end(state, record)
-        self.bar.close()
-        log.info("run %s %s after %d epochs: test error %s", record["label"], record["status"],
-                 record["epochs_done"], _pct(record["final"].get("test_error")))
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -617,7 +204,7 @@ def _sigterm_raises():
 
 def _check_resumable(config: TrainConfig, saved: Dict[str, Any], path: str) -> None:
     current = asdict(config)
-    diffs = [k for k in current if k not in _RUNTIME_FIELDS and saved.get(k) != current[k]]
+    diffs = [k for k in current if k not in RUNTIME_FIELDS and saved.get(k) != current[k]]
     if diffs:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diffs)
         raise ValueError(f"cannot resume {path}: the config differs ({detail}); use another run_dir")
