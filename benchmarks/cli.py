@@ -24,7 +24,7 @@ import logging
 from typing import Tuple
 
 from .doc import write_doc
-from .run import BenchConfig, run_bench
+from .run import BenchConfig, resolve, run_bench
 
 __all__ = ["add_arguments", "main"]
 
@@ -41,29 +41,36 @@ def _strs(text: str) -> Tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``python -m benchmarks`` (and ``kalmannorm bench``); each maps to a
-    :class:`~benchmarks.run.BenchConfig` field."""
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    :class:`~benchmarks.run.BenchConfig` field, and the defaults shown are that class's (and
+    those :func:`~benchmarks.run.resolve` fills in per device)."""
+    default, cpu, cuda = BenchConfig(), resolve(BenchConfig()), resolve(BenchConfig(device="cuda"))
+
+    def per_device(name: str) -> str:
+        shown = ["none" if v is None else f"{v:g}" for v in (getattr(cpu, name), getattr(cuda, name))]
+        return f"default {shown[0]} on CPU, {shown[1]} on CUDA"
+
+    p.add_argument("--device", default=default.device, help="cpu, cuda, cuda:1, ... (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (< 2 min CPU)")
-    p.add_argument("--suites", type=_strs, default=("layer", "model", "compile"),
-                   help="comma list of layer, model, compile (default all)")
+    p.add_argument("--suites", type=_strs, default=default.suites,
+                   help=f"comma list of layer, model, compile (default {','.join(default.suites)})")
     p.add_argument("--repeats", type=int, help="measured rounds (layer suite)")
     p.add_argument("--model-repeats", type=int, help="measured rounds (model and compile suites)")
     p.add_argument("--warmup", type=int, help="warm-up rounds")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU)")
+    p.add_argument("--threads", type=int, help=f"torch CPU threads ({per_device('threads')})")
     p.add_argument("--dtypes", type=_strs, help="comma list: float32,bfloat16")
     p.add_argument("--memory-formats", type=_strs, help="comma list: contiguous,channels_last")
     p.add_argument("--layer-micro-batches", type=_ints, help="e.g. 2,4,8,32")
     p.add_argument("--model-micro-batches", type=_ints, help="e.g. 2,4,8")
-    p.add_argument("--prediction", type=_strs, default=("sampled",),
-                   help="BKN prediction(s) for the model suite, if convert_batchnorm has the "
-                        "option: sampled (default), analytic")
+    p.add_argument("--prediction", type=_strs, default=default.prediction,
+                   help="BKN prediction(s) for the model suite: sampled, analytic "
+                        f"(default {','.join(default.prediction)})")
     p.add_argument("--budget-s", type=float,
-                   help="skip the remaining measurements after this many seconds "
-                        "(default 150 on CUDA, none on CPU)")
+                   help=f"skip the remaining measurements after this many seconds "
+                        f"({per_device('budget_s')})")
     p.add_argument("--bandwidth-bytes", type=int,
                    help="clone size for the copy bandwidth of the bytes floor (default 1 GiB on "
                         "CUDA, 256 MiB on the CPU)")
-    p.add_argument("--label", default="", help="added to the record's file name")
+    p.add_argument("--label", default=default.label, help="added to the record's file name")
     p.add_argument("--out", default=None,
                    help="folder for the JSON record (default docs/perf when run from the repo)")
     p.add_argument("--doc", default=None,

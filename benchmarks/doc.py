@@ -64,10 +64,13 @@ def _verify_line(record: Dict[str, Any]) -> List[str]:
     if not check:
         return []
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in check.get("max_rel_diff", {}).items())
+    # Records before the backends say nothing of them: their default was the fused kernel.
+    kernels = f"The default kernels (`{check['backend']}`)" if check.get("backend") else "Fused kernel"
     if check.get("ok"):
-        return [f"Fused kernel checked against the composite form on this device (largest "
+        return [f"{kernels} checked against the composite form on this device (largest "
                 f"relative differences: {diffs}).", ""]
-    return [f"**The fused kernel failed its check on this device ({check.get('error') or diffs});"
+    failed = kernels if check.get("backend") else "The fused kernel"
+    return [f"**{failed} failed its check on this device ({check.get('error') or diffs});"
             f" every BKN number below is the composite form's.**", ""]
 
 

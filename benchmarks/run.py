@@ -151,10 +151,19 @@ def verify_fused(device: torch.device) -> Dict[str, Any]:
             fused, composite = fn(composite=False), fn(composite=True)
             diffs[case] = max(rel(a, b) for a, b in zip(fused, composite))
     except Exception as exc:  # reported in the record; the run goes on with the composite form
-        return dict(ok=False, max_rel_diff=diffs, error=f"{type(exc).__name__}: {exc}")
+        return dict(ok=False, max_rel_diff=diffs, error=f"{type(exc).__name__}: {exc}",
+                    backend=default_backend(device))
     limits = dict(functional=1e-4, model_float32=1e-3, model_bfloat16=5e-2)
     return dict(ok=all(diffs[k] <= limits[k] for k in diffs), max_rel_diff=diffs,
-                limits=limits, error=None)
+                limits=limits, error=None, backend=default_backend(device))
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend the library picks for a float32 BKN step on ``device`` (``cpu_fused``,
+    ``triton``, ``composite``), as the record names it."""
+    from kalmannorm.functional.dispatch import resolve_backend
+
+    return resolve_backend(torch.empty(8, 4, 5, 5, device=device))
 
 
 def run_bench(config: BenchConfig, out_dir: Optional[str] = None) -> Dict[str, Any]:

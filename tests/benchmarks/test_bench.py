@@ -75,6 +75,7 @@ def test_tiny_layer_run_records_floors_and_renders(tmp_path):
                          bandwidth_bytes=2**20, threads=1)
     record = run_bench(config, str(tmp_path))
     assert record["verify"]["ok"], record["verify"]
+    assert record["verify"]["backend"] == "cpu_fused"  # what auto picks for float32 on the CPU
     (result,) = record["results"]
     bandwidth = result["copy_bandwidth"]["bytes_per_s"]
     assert bandwidth > 0 and set(result["methods"]) >= {"copy", "batchnorm", "bkn@2", "bkn_shadow@2"}
@@ -89,6 +90,7 @@ def test_tiny_layer_run_records_floors_and_renders(tmp_path):
     doc.write_text("# Speed\n\nprose stays\n")
     text = write_doc(str(doc), str(tmp_path))
     assert text.startswith("# Speed\n\nprose stays\n") and DOC_BEGIN in text and DOC_END in text
+    assert "The default kernels (`cpu_fused`) checked against the composite form" in text
     row = next(line for line in text.splitlines() if line.startswith("| bkn_shadow@2 |"))
     assert f"| {result['methods']['bkn_shadow@2']['x_floor']:.2f} | n/a |" in row
     assert write_doc(str(doc), str(tmp_path)) == text  # idempotent
