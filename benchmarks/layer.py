@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 import kalmannorm as kn
+from kalmannorm.prediction import ShadowBatch
 
 from .measure import (Budget, CopyFloor, autocast, brief, composite_backend, copy_bandwidth,
                       kernel_launches, round_robin, summarize, torch_memory_format)
@@ -125,7 +126,7 @@ def _layer_fn(spec: Dict[str, Any], shape: Tuple[int, ...], device: torch.device
             def forward():
                 return layer.forward_with_prior(x, (mean_prior, var_prior), groups)[0]
         else:
-            shadow = kn.ShadowBatch()
+            shadow = ShadowBatch()
             layer._shadow_batch = shadow
 
             def forward():

@@ -115,7 +115,7 @@ def _load_data(config: TrainConfig, rank: int, world: int) -> ImageData:
 
 
 def _build(config: TrainConfig, data: ImageData, device: torch.device):
-    from kalmannorm import has_kalman_layers
+    from kalmannorm.prediction import has_kalman_layers
 
     torch.manual_seed(config.seed)
     model = build_model(config.arch, data.num_classes, config.norm_layer(), data.in_channels,
@@ -125,9 +125,9 @@ def _build(config: TrainConfig, data: ImageData, device: torch.device):
 
 
 def _guard(model: nn.Module) -> Tuple[int, int]:
-    from kalmannorm import guard_counts
+    from kalmannorm import guard_report
 
-    counts = guard_counts(model)
+    counts = guard_report(model)
     return counts["fallbacks"], counts["priors"]
 
 
