@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# make bench BENCH_ARGS=--quick (see python -m benchmarks --help); none: the full suite into docs/perf
+BENCH_ARGS ?=
 
 .PHONY: install test demo bench clean
 
@@ -23,7 +25,7 @@ demo: install
 	$(PY) -m kalmannorm demo
 
 bench: install
-	$(PY) -m kalmannorm bench
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -20,10 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The lab wing: examples there are shell commands or need the `train` extra.
-collect_ignore = ["src/kalmannorm/harness"] + [
-    f"src/kalmannorm/{name}.py" for name in ("bench", "cli", "data", "models", "records",
-                                             "report", "train")
-]
+collect_ignore = ["src/kalmannorm/harness"]
 if importlib.util.find_spec("triton") is None:  # an optional dependency
     collect_ignore.append("src/kalmannorm/functional/triton_kernels.py")
 

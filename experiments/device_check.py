@@ -1,11 +1,13 @@
-"""Check BKN on an accelerator before long runs: fused kernel == composite form, analytic runs.
+"""Check BKN on an accelerator before long runs: default kernels == composite form, analytic runs.
 
-Exit status 0 when the fused kernel runs and agrees with the composite form on the device; 1
-otherwise (then run with KALMANNORM_FUSED=0). Prints what it compared.
+Exit status 0 when the default backend (``auto``: Triton on CUDA, the fused kernel on the CPU)
+runs and agrees with the composite form on the device; 1 otherwise (then run with
+``KALMANNORM_BACKEND=composite``). Prints what it compared.
 
     python experiments/device_check.py --device cuda
 """
 import argparse
+import contextlib
 import copy
 import sys
 import traceback
@@ -13,20 +15,15 @@ import traceback
 import torch
 
 import kalmannorm as kn
-from kalmannorm import _fused
-from kalmannorm.models import build_model
+from kalmannorm.harness.models import build_model
 
 
 def step(model, x, fused: bool):
-    original = _fused.fused_available
-    if not fused:
-        _fused.fused_available = lambda t: False
-    try:
+    """Output and gradients with the default backend (``fused``) or the composite form."""
+    with contextlib.nullcontext() if fused else kn.use_backend("composite"):
         torch.manual_seed(1)
         out = model(x)
         grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
-    finally:
-        _fused.fused_available = original
     return out, grads
 
 

@@ -14,7 +14,7 @@ import shutil
 import statistics
 from typing import Dict, List
 
-from kalmannorm.report import collect_records, markdown_table, plot_test_error, summarize
+from kalmannorm.harness.report import collect_records, markdown_table, plot_test_error, summarize
 
 PUBLISHED = """Published (method.md section 6, read from the authors' plots, CIFAR-10, full 400-epoch
 schedule): ResNet-32 with statistics over micro-batches of 2: BN ~8.8%, GN ~8.5%, BKN ~7.6%;

@@ -1,7 +1,7 @@
-"""``python -m kalmannorm COMMAND ...``: the command line of :mod:`kalmannorm.cli`."""
+"""``python -m kalmannorm COMMAND ...``: the command line of :mod:`kalmannorm.harness.cli`."""
 import sys
 
-from .cli import main
+from .harness.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

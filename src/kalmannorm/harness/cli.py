@@ -2,7 +2,8 @@
 
 Commands live in :data:`COMMANDS`, a table of :class:`Command` entries. A command may name a
 module instead of functions; that module (with ``add_arguments(parser)`` and ``main(args)``) is
-imported only when its command runs, e.g. ``bench`` in :mod:`kalmannorm.bench`.
+imported only when its command runs, e.g. ``bench``. A command lists the packages of the
+``train`` extra it needs; a missing one stops it before any work with the install command.
 
 Usage::
 
@@ -18,12 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .extras import MissingExtraError, require_all
+from .train import Terminated
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "demo_configs"]
 
@@ -40,6 +45,8 @@ class Command:
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     main: Optional[Callable[[argparse.Namespace], Optional[int]]] = None
     module: Optional[str] = None
+    requires: Tuple[str, ...] = ()  # import names of train-extra packages (extras.TRAIN_EXTRA)
+    in_checkout: bool = False  # ``module`` lives in the source repository, not in the package
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -53,49 +60,68 @@ def _key_value(text: str):
         return key, value
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``train``; each maps to a :class:`kalmannorm.train.TrainConfig` field."""
-    from .data import DATASETS
-    from .models import ARCHITECTURES
+def _field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name`` of ``cls``: help text shows it, never a copy."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _per_recipe(name: str) -> str:
+    """``"short 10, paper 400"``: a recipe field's default in every recipe."""
     from .train import RECIPES
+
+    return ", ".join(f"{key} {_field_default(recipe, name):g}" for key, recipe in RECIPES.items())
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``train``; each maps to a :class:`kalmannorm.harness.train.TrainConfig` field,
+    and the defaults the help shows are read from those fields."""
+    from .data import DATASETS, DEFAULT_DATA_DIR
+    from .models import ARCHITECTURES, DEFAULT_WIDTH
+    from .train import PREDICTIONS, RECIPES, TrainConfig
+
+    def default(name: str) -> str:
+        return f"default {_field_default(TrainConfig, name)}"
 
     # Flags default to None: only the ones given override --config and the dataclass defaults.
     p.add_argument("--config", metavar="JSON", help="JSON file of TrainConfig fields (unknown keys fail)")
     g = p.add_argument_group("method")
     g.add_argument("--norm", help="norm registry name: batchnorm, ghost_batchnorm, groupnorm, "
-                   "layernorm, instancenorm, batchrenorm, bkn (default batchnorm)")
+                   f"layernorm, instancenorm, batchrenorm, bkn ({default('norm')})")
     g.add_argument("--micro-batch", type=int, help="rows per statistics group (default: whole batch)")
     g.add_argument("--gain", type=float, help="BKN gain p, the weight on the prediction (e.g. 0.9)")
-    g.add_argument("--prediction", choices=("sampled", "analytic"),
-                   help="BKN layer-to-layer prediction: sampled shadow rows (default, the released "
-                   "code) or analytic moment propagation")
+    g.add_argument("--prediction", choices=tuple(PREDICTIONS),
+                   help="BKN layer-to-layer prediction: sampled shadow rows (the released code) or "
+                   f"analytic moment propagation ({default('prediction')})")
     g.add_argument("--norm-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="extra norm constructor option (JSON value), repeatable, e.g. num_groups=4")
     g.add_argument("--label", help="method name in reports (default from norm, gain, micro-batch)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--arch", help=f"{', '.join(ARCHITECTURES)}; any preact_resnet6n+2 (default preact_resnet20)")
-    g.add_argument("--width", type=int, help="base width (default 16 preact, 64 resnet)")
+    g.add_argument("--arch", help=f"{', '.join(ARCHITECTURES)}; any preact_resnet6n+2 ({default('arch')})")
+    g.add_argument("--width", type=int, help="base width (default " + ", ".join(
+        f"{w} {family}" for family, w in DEFAULT_WIDTH.items()) + ")")
     g.add_argument("--model-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="resnet* option: stem=cifar, zero_init_residual=true")
-    g.add_argument("--dataset", choices=DATASETS, help="default digits (offline)")
-    g.add_argument("--data-dir", help="CIFAR directory (default data) or image-folder root")
+    g.add_argument("--dataset", choices=DATASETS, help=f"{default('dataset')} (offline)")
+    g.add_argument("--data-dir", help=f"CIFAR directory (default {DEFAULT_DATA_DIR}) or image-folder root")
     g.add_argument("--download", action="store_true", default=None, help="fetch CIFAR if missing")
     g.add_argument("--image-size", type=int, help="resize folder images to SIZE x SIZE")
     g.add_argument("--limit-train", type=int, help="train on a fixed random subset of this size")
     g.add_argument("--limit-test", type=int, help="test on a fixed random subset of this size")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     g = p.add_argument_group("optimization")
-    g.add_argument("--recipe", choices=list(RECIPES), help="short (default) or paper (released schedule)")
-    g.add_argument("--epochs", type=int, help="default: the recipe's (short 10, paper 400)")
-    g.add_argument("--lr", type=float, help="peak/main learning rate (default: the recipe's)")
-    g.add_argument("--weight-decay", type=float, help="on conv and linear weights (default: the recipe's)")
+    g.add_argument("--recipe", choices=list(RECIPES), help=f"short or paper (released schedule); {default('recipe')}")
+    g.add_argument("--epochs", type=int, help=f"default: the recipe's ({_per_recipe('epochs')})")
+    g.add_argument("--lr", type=float, help=f"peak/main learning rate (default: the recipe's, {_per_recipe('lr')})")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"on conv and linear weights (default: the recipe's, {_per_recipe('weight_decay')})")
     g.add_argument("--recipe-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="other recipe field, e.g. warmup_fraction=0.1")
-    g.add_argument("--batch-size", type=int, help="SGD batch per process (default 128)")
-    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help=f"SGD batch per process ({default('batch_size')})")
+    g.add_argument("--eval-batch-size", type=int, help=f"test batch ({default('eval_batch_size')})")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, nargs="+", help="one run per seed (default 0)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, nargs="+", help=f"one run per seed ({default('seed')})")
+    g.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... ({default('device')})")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
     g.add_argument("--run-dir", help="default runs/<label>-seed<seed>; with several seeds, DIR/seed<seed>")
@@ -139,9 +165,14 @@ def config_from_args(args: argparse.Namespace) -> List[Any]:
 
 
 def train_main(args: argparse.Namespace) -> int:
-    from .train import train
+    from .data import DATASET_REQUIRES
+    from .train import check_run_dir, train
 
-    for config in config_from_args(args):
+    configs = config_from_args(args)  # every config validated before the first run starts
+    for config in configs:
+        require_all(DATASET_REQUIRES[config.dataset], f"kalmannorm train --dataset {config.dataset}")
+        check_run_dir(config)
+    for config in configs:
         record = train(config)
         if record["status"] not in ("complete", "incomplete"):
             return 1
@@ -197,10 +228,15 @@ def demo_configs(epochs: int = 15, seeds: Sequence[int] = (0,), out: str = os.pa
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=15, help="epochs per run (default 15)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="directory (default runs/demo)")
-    p.add_argument("--device", default="auto")
+    from .train import TrainConfig
+
+    demo = inspect.signature(demo_configs).parameters
+    p.add_argument("--epochs", type=int, default=demo["epochs"].default,
+                   help="epochs per run (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(demo["seeds"].default),
+                   help="seeds (default %(default)s)")
+    p.add_argument("--out", default=demo["out"].default, help="directory (default %(default)s)")
+    p.add_argument("--device", default=_field_default(TrainConfig, "device"), help="(default %(default)s)")
     p.add_argument("--threads", type=int)
     p.add_argument("--fresh", action="store_true", help="start the runs again instead of resuming them")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
@@ -225,18 +261,34 @@ def demo_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parsing
 COMMANDS: List[Command] = [
     Command("train", "train one model (one run per seed), writing a record and checkpoints",
-            add_train_arguments, train_main),
-    Command("report", "markdown table and test-error plot from run records", add_report_arguments, report_main),
+            add_train_arguments, train_main, requires=("numpy",)),
+    Command("report", "markdown table and test-error plot from run records", add_report_arguments,
+            report_main, requires=("matplotlib",)),
     Command("demo", "micro-batch comparison on the offline digits data (a few CPU minutes)",
-            add_demo_arguments, demo_main),
-    Command("bench", "speed benchmarks of the norm layers", module="kalmannorm.bench"),
+            add_demo_arguments, demo_main, requires=("numpy", "sklearn", "matplotlib")),
+    Command("bench", "speed benchmarks of the norm layers (from a source checkout; same as "
+            "`python -m benchmarks` at its root)", module="benchmarks.cli", in_checkout=True),
 ]
 
 
+def _checkout_root() -> Optional[str]:
+    """The repository root when this package runs from a source checkout (``src/`` layout)."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir))
+    return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
+
+
 def _load_module(parser: argparse.ArgumentParser, command: Command):
+    root = _checkout_root() if command.in_checkout else None
+    top = command.module.split(".")[0]
+    if root and os.path.isfile(os.path.join(root, top, "__init__.py")) and root not in sys.path:
+        sys.path.append(root)  # an editable install of a checkout: its benchmarks/ folder
     try:
         module = importlib.import_module(command.module)
     except ImportError as err:
+        if command.in_checkout and err.name is not None and err.name.split(".")[0] == top:
+            parser.error(f"the '{command.name}' command runs {top}/ of a source checkout of "
+                         f"kalmannorm, which is not installed with the package: in a clone of "
+                         f"the repository run `python -m {top} --help` (or `make {command.name}`)")
         parser.error(f"the '{command.name}' command needs {command.module}, which is not "
                      f"available in this installation ({err})")
     for attr in ("add_arguments", "main"):
@@ -247,7 +299,7 @@ def _load_module(parser: argparse.ArgumentParser, command: Command):
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The parser; a lazy command's module is imported only if ``argv`` selects it."""
-    from . import __version__
+    from kalmannorm import __version__
 
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -258,11 +310,11 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         if command.module is None:
             command.add_arguments(p)
-            p.set_defaults(_main=command.main)
+            p.set_defaults(_main=command.main, _requires=command.requires)
         elif command.name == chosen:
             module = _load_module(parser, command)
             module.add_arguments(p)
-            p.set_defaults(_main=module.main)
+            p.set_defaults(_main=module.main, _requires=command.requires)
     return parser
 
 
@@ -273,9 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        require_all(args._requires, f"kalmannorm {args.command}")
         code = args._main(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as err:
         parser.exit(2, f"kalmannorm {args.command}: error: {err}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")
+    except Terminated:
+        parser.exit(143, "terminated (SIGTERM)\n")
     return int(code or 0)

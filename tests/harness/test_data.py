@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kalmannorm.data import (
+from kalmannorm.harness.data import (
     ImageData, crop_at, epoch_batches, eval_batches, load_cifar, load_dataset, load_digits,
     load_image_folder, random_flip, write_cifar_batch,
 )
@@ -168,10 +168,10 @@ def test_subset_and_unknown_dataset():
 
 def test_real_cifar10_from_the_shared_copy(tmp_path_factory):
     """The loader on the real data: data/ if made, else written from ../shared (~30 s)."""
-    root = os.path.join(os.path.dirname(__file__), "..", "data")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.join(repo, "data")
     if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-        tool = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools",
-                            "make_cifar10.py")
+        tool = os.path.join(repo, "..", "shared", "tools", "make_cifar10.py")
         if not os.path.exists(tool):
             pytest.skip("no CIFAR-10 copy in data/ and no ../shared/tools/make_cifar10.py")
         root = str(tmp_path_factory.mktemp("cifar"))

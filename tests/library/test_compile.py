@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import kalmannorm as kn
-from kalmannorm.bench import graph_breaks
-from kalmannorm.models import build_model
+from benchmarks.model import graph_breaks
+from kalmannorm.harness.models import build_model
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
 

@@ -1,6 +1,6 @@
 """Reports from run records: a markdown table and a plot of test error against epoch.
 
-Every number in a report comes from the records (:mod:`kalmannorm.records`); nothing is typed.
+Every number in a report comes from the records (:mod:`kalmannorm.harness.records`); nothing is typed.
 Runs are grouped by method label (plus architecture and dataset when several are present); a
 group's final test error is summarised by mean, sample standard deviation and range over seeds.
 """
@@ -12,6 +12,7 @@ import os
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .extras import require
 from .records import read_record
 
 __all__ = ["collect_records", "summarize", "markdown_table", "plot_test_error", "write_report"]
@@ -109,8 +110,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 def plot_test_error(records: Sequence[Dict[str, Any]], path: str, title: Optional[str] = None) -> str:
     """PNG of test error (%) against epoch: mean over seeds per method, min–max band."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the test-error plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import kalmannorm
-from kalmannorm.models import ChannelPadShortcut, PreActResNet, build_model
+from kalmannorm.harness.models import ChannelPadShortcut, PreActResNet, build_model
 
 
 class MarkedNorm(nn.BatchNorm2d):

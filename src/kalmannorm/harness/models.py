@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ARCHITECTURES",
+    "DEFAULT_WIDTH",
     "ChannelPadShortcut",
     "PreActBlock",
     "PreActResNet",
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 NormLayer = Callable[[int], nn.Module]
+
+# Base width (channels of the first stage) when ``width`` is not given, per family.
+DEFAULT_WIDTH = {"preact_resnet": 16, "resnet": 64}
 
 # ImageNet ResNets: blocks per stage (He et al. 2016, table 1).
 _RESNET_LAYOUTS = {
@@ -349,7 +353,7 @@ def build_model(
             "(preact_resnet accepts any depth 6n + 2)"
         )
     if isinstance(norm_layer, str):
-        from . import get_norm_layer  # lazy: the registry imports the norm modules
+        from kalmannorm import get_norm_layer  # lazy: the registry imports the norm modules
 
         norm_layer = get_norm_layer(norm_layer)
     if num_classes < 1 or in_channels < 1:
@@ -357,11 +361,13 @@ def build_model(
     if match.group(1) == "preact_resnet":
         if options:
             raise ValueError(f"{arch} takes no options {sorted(options)} (only width)")
-        return PreActResNet(depth, num_classes, norm_layer, in_channels, width=width or 16)
+        return PreActResNet(depth, num_classes, norm_layer, in_channels,
+                            width=width or DEFAULT_WIDTH["preact_resnet"])
     allowed = {"stem", "zero_init_residual"}
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"{arch} got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
     kind, layers = _RESNET_LAYOUTS[depth]
     block = BasicBlock if kind == "basic" else Bottleneck
-    return ResNet(block, layers, num_classes, norm_layer, in_channels, width=width or 64, **options)
+    return ResNet(block, layers, num_classes, norm_layer, in_channels, width=width or DEFAULT_WIDTH["resnet"],
+                  **options)

@@ -6,12 +6,13 @@ guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
 
     schema, label, status ("running" | "incomplete" | "complete"), complete (bool),
     config {TrainConfig fields}, recipe {name, resolved recipe fields}, seed, device, device_name,
-    world_size, global_batch_size, run_dir,
+    world_size, global_batch_size, run_dir (relative to the checkout, see repo_relative),
     git_commit (str | null), git_dirty (bool | null), versions {kalmannorm, torch, python, numpy},
     dataset {name, train_size, test_size, num_classes, image_shape, pad, flip},
     model {arch, num_parameters}, epochs_planned, epochs_done, steps_per_epoch,
     started_at, updated_at (ISO 8601 UTC), wall_time (s, summed over sessions), resumed_at [epoch],
-    stop_reason (null | "time_limit" | "finished"),
+    stop_reason (null | "finished" | "time_limit" | "interrupted" (Ctrl-C) |
+                 "terminated (SIGTERM)" | "non-finite training loss" | "error: ..."),
     history [{epoch, lr, steps, train_loss, train_error, test_loss, test_error, epoch_time,
               wall_time, guard_fallbacks, guard_priors}],  # errors are fractions in [0, 1]
     final {train_loss, train_error, test_loss, test_error}
@@ -20,19 +21,22 @@ Writes are atomic (temporary file + rename), so a killed run leaves the last com
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import subprocess
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 __all__ = [
     "SCHEMA",
     "REQUIRED_FIELDS",
     "git_info",
+    "repo_relative",
     "versions",
     "now",
+    "atomic_path",
     "write_json",
     "read_record",
 ]
@@ -72,6 +76,25 @@ def git_info(path: Optional[str] = None) -> Tuple[Optional[str], Optional[bool]]
         return _commit_from_environment()
 
 
+def repo_relative(path: str) -> str:
+    """``path`` as a record stores it: relative to the root of the git checkout holding the
+    working directory (outside a checkout: to the working directory) when it lies inside, else
+    absolute. So committed records name ``runs/cifar/bn-seed0``, not a machine's home folder.
+    """
+    cwd = os.getcwd()
+    try:
+        top = subprocess.run(["git", "-C", cwd, "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=10)
+        root = top.stdout.strip() if top.returncode == 0 and top.stdout.strip() else cwd
+    except (OSError, subprocess.SubprocessError):
+        root = cwd
+    absolute = os.path.realpath(os.path.abspath(path))
+    for base in (os.path.realpath(root), os.path.realpath(cwd)):
+        if os.path.commonpath([absolute, base]) == base:
+            return os.path.relpath(absolute, base)
+    return absolute
+
+
 def _commit_from_environment() -> Tuple[Optional[str], Optional[bool]]:
     # A copy of the tree without .git (a remote machine) can say what it was copied from.
     commit = os.environ.get("KALMANNORM_GIT_COMMIT")
@@ -79,18 +102,23 @@ def _commit_from_environment() -> Tuple[Optional[str], Optional[bool]]:
 
 
 def versions() -> Dict[str, str]:
-    """Versions of the package, torch, python and numpy."""
-    import numpy
+    """Versions of the package, torch, python and numpy (``None`` where numpy is absent)."""
     import torch
 
     try:
-        from . import __version__ as package_version
+        import numpy
+    except ImportError:  # the library needs torch only; the record still says numpy was absent
+        numpy = None
+
+    try:
+        from kalmannorm import __version__ as package_version
     except ImportError:  # core package not importable (partial checkout)
         from importlib.metadata import version
 
         package_version = version("kalmannorm")
     return dict(kalmannorm=str(package_version), torch=str(torch.__version__),
-                python=platform.python_version(), numpy=numpy.__version__)
+                python=platform.python_version(),
+                numpy=None if numpy is None else numpy.__version__)
 
 
 def now() -> str:
@@ -98,14 +126,30 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (the old file survives a crash mid-write)."""
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends
+    without an exception, removed otherwise. So ``path`` holds the old file or the whole new
+    one, never half of it (a killed run, a failed download).
+
+    >>> with atomic_path("runs/x/checkpoint.pt") as tmp:  # doctest: +SKIP
+    ...     torch.save(state, tmp)
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as indented JSON atomically (the old file survives a crash mid-write)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, allow_nan=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_record(path: str) -> Dict[str, Any]:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from kalmannorm.cli import main as cli_main
-from kalmannorm.records import EPOCH_FIELDS, REQUIRED_FIELDS, read_record
-from kalmannorm.report import write_report
-from kalmannorm.train import (
+from kalmannorm.harness.cli import main as cli_main
+from kalmannorm.harness.records import EPOCH_FIELDS, REQUIRED_FIELDS, read_record
+from kalmannorm.harness.report import write_report
+from kalmannorm.harness.train import (
     Callback, PaperRecipe, ShortRecipe, TrainConfig, train, weight_decay_groups,
 )
 
@@ -53,6 +53,13 @@ def test_tiny_run_writes_complete_record(tmp_path):
     assert record["wall_time"] > 0
     assert len(steps_seen) == 12 and steps_seen[-1] == (1, 6, 16)
     assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_record_names_its_run_dir_relative_to_where_it_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a git checkout: relative to the working directory
+    record = train(tiny(tmp_path, epochs=1, run_dir=os.path.join("runs", "x")))
+    assert record["run_dir"] == os.path.join("runs", "x")
+    assert read_record(os.path.join("runs", "x", "record.json"))["run_dir"] == record["run_dir"]
 
 
 def _final_state(run_dir):
@@ -170,10 +177,10 @@ def test_lazy_command_imported_only_when_chosen(monkeypatch, capsys):
     import subprocess
     import sys
 
-    from kalmannorm import cli
+    from kalmannorm.harness import cli
 
-    code = ("import sys; from kalmannorm.cli import build_parser; build_parser(['train', '--help']); "
-            "print('kalmannorm.bench' in sys.modules)")
+    code = ("import sys; from kalmannorm.harness.cli import build_parser; build_parser(['train', '--help']); "
+            "print(any(m.startswith('benchmarks') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [cli.Command("nope", "missing", module="kalmannorm.nope")])
@@ -182,9 +189,38 @@ def test_lazy_command_imported_only_when_chosen(monkeypatch, capsys):
     assert "needs kalmannorm.nope, which is not available" in capsys.readouterr().err
 
 
+def test_checkout_command_outside_a_checkout_says_how_to_run_it(monkeypatch, capsys):
+    from kalmannorm.harness import cli
+
+    assert cli._checkout_root() is not None  # these tests run from a checkout
+    bench = next(c for c in cli.COMMANDS if c.name == "bench")
+    monkeypatch.setattr(cli, "_checkout_root", lambda: None)
+    monkeypatch.setattr(cli, "COMMANDS", [c for c in cli.COMMANDS if c.name != "bench"] + [
+        cli.Command("bench", bench.help, module="nobenchmarks.cli", in_checkout=True)])
+    with pytest.raises(SystemExit):
+        cli_main(["bench"])
+    err = capsys.readouterr().err
+    assert "python -m nobenchmarks --help" in err and "make bench" in err
+
+
 def test_report_groups_seeds(tmp_path):
     for seed in (0, 1):
         train(tiny(tmp_path, f"s{seed}", epochs=1, seed=seed, label="mine"))
     result = write_report([str(tmp_path / "s0"), str(tmp_path / "s1" / "record.json")], str(tmp_path / "out"))
     row = [line for line in result["markdown"].splitlines() if line.startswith("| mine")]
     assert len(row) == 1 and "| 2 |" in row[0] and "±" in row[0]
+
+
+def test_train_help_reads_its_defaults_from_the_dataclasses(monkeypatch, capsys):
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "batch_size")
+    monkeypatch.setattr(field, "default", 77)  # a new default shows up in the help unretyped
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "SGD batch per process (default 77)" in out
+    assert f"default: the recipe's (paper {PaperRecipe.epochs}, short {ShortRecipe.epochs})" in out
+    assert f"paper {PaperRecipe.lr:g}, short {ShortRecipe.lr:g}" in out
+    for name in ("norm", "arch", "prediction", "eval_batch_size", "device"):
+        assert f"default {getattr(TrainConfig(), name)})" in out

@@ -28,8 +28,8 @@ def test_two_ranks_identical_parameters(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import os, sys, torch
-        from kalmannorm.cli import build_parser, config_from_args
-        from kalmannorm.train import Callback, train
+        from kalmannorm.harness.cli import build_parser, config_from_args
+        from kalmannorm.harness.train import Callback, train
 
         class SaveFinal(Callback):
             def on_train_end(self, state, record):

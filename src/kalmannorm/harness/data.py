@@ -24,11 +24,16 @@ import pickle
 import tarfile
 import urllib.request
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from .extras import require
+from .records import atomic_path
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DATASETS",
@@ -265,12 +270,10 @@ def _download_cifar(root: str, spec: dict) -> None:
     archive = os.path.join(root, os.path.basename(spec["url"]))
     if not os.path.exists(archive) or _md5(archive) != spec["md5"]:
         log.info("downloading %s to %s", spec["url"], archive)
-        tmp = archive + ".part"
-        urllib.request.urlretrieve(spec["url"], tmp)
-        if _md5(tmp) != spec["md5"]:
-            os.remove(tmp)
-            raise RuntimeError(f"checksum mismatch for {spec['url']} (expected md5 {spec['md5']})")
-        os.replace(tmp, archive)
+        with atomic_path(archive) as tmp:
+            urllib.request.urlretrieve(spec["url"], tmp)
+            if _md5(tmp) != spec["md5"]:
+                raise RuntimeError(f"checksum mismatch for {spec['url']} (expected md5 {spec['md5']})")
     with tarfile.open(archive, "r:gz") as tar:
         try:
             tar.extractall(root, filter="data")
@@ -290,6 +293,7 @@ def write_cifar_batch(path: str, data: np.ndarray, labels: Sequence[int], *, lab
 
     Used by tests and to export data; ``label_key`` is ``"labels"`` (CIFAR-10) or ``"fine_labels"``.
     """
+    np = require("numpy", "writing CIFAR batches")
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(len(labels), 3072)
     obj = {b"batch_label": b"written by kalmannorm", b"data": data, label_key.encode(): list(map(int, labels))}
     with open(path, "wb") as f:
@@ -314,6 +318,7 @@ def load_cifar(root: str = "data", num_classes: int = 10, *, download: bool = Fa
     """
     if num_classes not in _CIFAR:
         raise ValueError(f"CIFAR has 10 or 100 classes (got {num_classes})")
+    np = require("numpy", "the CIFAR loader")
     spec = _CIFAR[num_classes]
     folder = _find_cifar_dir(root, spec)
     if folder is None and download:
@@ -378,7 +383,8 @@ def load_image_folder(
         seed: seed of that split. Default: 0.
         channels: 1 (grey) or 3 (RGB). Default: 1 if every image is grey-level, else 3.
     """
-    from PIL import Image
+    Image = require("PIL.Image", "reading image folders")
+    np = require("numpy", "reading image folders")
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
@@ -463,6 +469,8 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     division by 8 (half the range, as CIFAR's /128); augmentation pads by 1 pixel and never flips
     (digits are not mirror-symmetric).
     """
+    require("sklearn", "the digits dataset")
+    np = require("numpy", "the digits dataset")
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -481,6 +489,10 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
 
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DEFAULT_DATA_DIR = "data"  # where the CIFAR loaders look without a data directory
+# packages of the train extra each dataset's loader imports
+DATASET_REQUIRES = {"digits": ("numpy", "sklearn"), "cifar10": ("numpy",), "cifar100": ("numpy",),
+                    "folder": ("numpy", "PIL")}
 
 
 def load_dataset(
@@ -493,7 +505,7 @@ def load_dataset(
     if name == "digits":
         return load_digits()
     if name in ("cifar10", "cifar100"):
-        return load_cifar(root or "data", 10 if name == "cifar10" else 100, download=download)
+        return load_cifar(root or DEFAULT_DATA_DIR, 10 if name == "cifar10" else 100, download=download)
     if name == "folder":
         if root is None:
             raise ValueError("dataset 'folder' needs a data directory (data_dir / --data-dir)")
