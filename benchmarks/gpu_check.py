@@ -439,8 +439,8 @@ def main() -> None:
         try:
             RECORD["sections"][name] = {"result": fn()}
         except Exception as exc:  # keep going: a failed section is data too
-            RECORD["sections"][name] = {"error": repr(exc)[:1000]}
-            print("section", name, "failed:", repr(exc)[:1000], flush=True)
+            RECORD["sections"][name] = {"error": repr(exc)[-2000:]}
+            print("section", name, "failed:", repr(exc)[-2000:], flush=True)
         RECORD["sections"][name]["seconds"] = time.perf_counter() - t0
         save(args.out)
     RECORD["seconds"] = time.perf_counter() - start

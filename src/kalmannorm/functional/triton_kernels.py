@@ -27,7 +27,7 @@ bitwise repeatable.
 import triton
 import triton.language as tl
 
-TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, safe_std's floor
+TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: safe_std
 
 # prior modes
 NO_PRIOR = 0

@@ -1,0 +1,63 @@
+"""Compile every Triton kernel of kalmannorm for sm_90 without a GPU (used by
+test_triton_kernels.py in a subprocess without TRITON_INTERPRET).
+
+    python triton_compile_check.py PRIOR DTYPE FLAGS   # e.g. 1 bf16 1010 (W, B, normalized, noise)
+
+Exit status 0: compiled; 3: cannot check here (no triton or no ptxas); else the error.
+"""
+import inspect
+import os
+import sys
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    print("triton is not installed")
+    sys.exit(3)
+
+_POINTERS = {"FLAGS": "*i1", "USED": "*i1", "AVAIL": "*i1", "PVALID": "*i1", "SEED": "*i64",
+             "NBT": "*i64", "GUARD": "*i64"}
+_FLOATS = {"gain", "eps", "guard_threshold", "momentum", "unbias"}
+
+
+def compile_for_hopper(kernel, dtype="fp32", **constexprs):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTERS:
+            signature[name] = _POINTERS[name]
+        elif name in ("X", "Y", "DY", "DX"):
+            signature[name] = f"*{dtype}"
+        elif name.isupper() and name not in ("S", "C", "L", "K"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name in _FLOATS else "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+
+def main(prior: int, dtype: str, flags: str) -> None:
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                       "bin", "ptxas")):
+        print("triton's ptxas is not installed")
+        sys.exit(3)
+    from kalmannorm.functional import triton_kernels as K
+
+    has_w, has_b, normalized, noise = (c == "1" for c in flags)
+    tile = dict(BC=4, BL=128)
+    compile_for_hopper(K.stats_kernel, dtype, PRIOR=prior, HAS_PVALID=noise, **tile)
+    compile_for_hopper(K.apply_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
+                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, RB=256, **tile)
+    compile_for_hopper(K.backward_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
+                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, PRIOR_GRAD=prior > 0,
+                       HAS_GMV=has_w, **tile)
+    compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, BC=64)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
