@@ -125,10 +125,14 @@ def _model_step(backend, x, rows_per_group, steps, generator_seed=3, **options):
 @pytest.mark.parametrize("case", [
     dict(steps=2, momentum=None), dict(propagate="normalized"), dict(rows_per_group=2),
     dict(channels_last=True), dict(detach_prior=True, running_stats="group0"),
-    dict(dtype=torch.bfloat16),
+    dict(dtype=torch.bfloat16), dict(custom_ops=True),
 ])
-def test_shadow_rows_match_composite_in_a_model(case):
+def test_shadow_rows_match_composite_in_a_model(case, monkeypatch):
+    """Also through the ``torch.library`` ops that ``torch.compile`` traces (``custom_ops``),
+    which eager mode bypasses."""
     case = dict(case)
+    if case.pop("custom_ops", False):
+        monkeypatch.setitem(triton_ops._state, "ops", True)
     dtype = case.pop("dtype", torch.float32)
     rows = case.pop("rows_per_group", 1)
     steps = case.pop("steps", 1)  # two steps: buffers and counters accumulate

@@ -53,20 +53,22 @@ def _moments(X, row0, nrows, c, cmask, sN, sC, sL, L, ZERO_NONFINITE: tl.constex
              BC: tl.constexpr, BL: tl.constexpr):
     """Two-pass mean and biased variance over ``nrows`` rows x ``L`` positions, per channel;
     with ``ZERO_NONFINITE`` non-finite values count as 0 and are counted."""
-    acc = tl.zeros([BC], dtype=tl.float32)
-    bad = tl.zeros([BC], dtype=tl.int32)
+    # 2-D accumulators reduced once after the loops (fewer reductions; also avoids a crash of
+    # triton 3.6's thread-locality pass on reductions carried through loops)
+    acc = tl.zeros([BC, BL], dtype=tl.float32)
+    bad = tl.zeros([BC, BL], dtype=tl.int32)
     for r in range(0, nrows):
         for l0 in range(0, L, BL):
             off, mask, _ = _tile(row0 + r, l0, c, cmask, sN, sC, sL, L, BL)
             v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
             if ZERO_NONFINITE:
                 ok = _finite(v)
-                bad += tl.sum((mask & ~ok).to(tl.int32), axis=1)
+                bad += (mask & ~ok).to(tl.int32)
                 v = tl.where(ok, v, 0.0)
-            acc += tl.sum(v, axis=1)
+            acc += v
     count = nrows * L
-    mean = acc / count
-    acc2 = tl.zeros([BC], dtype=tl.float32)
+    mean = tl.sum(acc, axis=1) / count
+    acc2 = tl.zeros([BC, BL], dtype=tl.float32)
     for r in range(0, nrows):
         for l0 in range(0, L, BL):
             off, mask, _ = _tile(row0 + r, l0, c, cmask, sN, sC, sL, L, BL)
@@ -74,8 +76,8 @@ def _moments(X, row0, nrows, c, cmask, sN, sC, sL, L, ZERO_NONFINITE: tl.constex
             if ZERO_NONFINITE:
                 v = tl.where(_finite(v), v, 0.0)
             d = tl.where(mask, v - mean[:, None], 0.0)
-            acc2 += tl.sum(d * d, axis=1)
-    return mean, acc2 / count, bad
+            acc2 += d * d
+    return mean, tl.sum(acc2, axis=1) / count, tl.sum(bad, axis=1)
 
 
 @triton.jit
@@ -249,26 +251,30 @@ def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NO
     (mo, vo, mp, diff, mean, var, r, w, scale, shift, sd, zmean, zstd) = _combined(
         STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR, HAS_W, HAS_B, NORMALIZED)
     # pass 1: real rows sum g, sum g (x - mean_obs); shadow rows sum g, sum g noise
-    tot = tl.zeros([BC], dtype=tl.float32)
-    dot = tl.zeros([BC], dtype=tl.float32)
+    tot = tl.zeros([BC, BL], dtype=tl.float32)
+    dot = tl.zeros([BC, BL], dtype=tl.float32)
     for rr in range(0, m):
         for l0 in range(0, L, BL):
             off, mask, _ = _tile(s * m + rr, l0, c, cmask, sN, sC, sL, L, BL)
             goff, _, _ = _tile(s * m + rr, l0, c, cmask, gSN, gSC, gSL, L, BL)
             g = tl.load(DY + goff, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-            tot += tl.sum(g, axis=1)
-            dot += tl.sum(g * tl.where(mask, x - mo[:, None], 0.0), axis=1)
-    tot_s = tl.zeros([BC], dtype=tl.float32)
-    dot_s = tl.zeros([BC], dtype=tl.float32)
+            tot += g
+            dot += g * tl.where(mask, x - mo[:, None], 0.0)
+    tot_s = tl.zeros([BC, BL], dtype=tl.float32)
+    dot_s = tl.zeros([BC, BL], dtype=tl.float32)
     for k in range(0, K):
         for l0 in range(0, L, BL):
             goff, mask, pos = _tile(real_rows + s * K + k, l0, c, cmask, gSN, gSC, gSL, L, BL)
             flat = ((s * K + k) * C + c[:, None]) * L + pos[None, :]
             g = tl.load(DY + goff, mask=mask, other=0.0).to(tl.float32)
             z = _noise(NOISE, tl.load(SEED), flat, mask, NOISE_FROM_PTR)
-            tot_s += tl.sum(g, axis=1)
-            dot_s += tl.sum(tl.where(mask, g * z, 0.0), axis=1)
+            tot_s += g
+            dot_s += tl.where(mask, g * z, 0.0)
+    tot = tl.sum(tot, axis=1)
+    dot = tl.sum(dot, axis=1)
+    tot_s = tl.sum(tot_s, axis=1)
+    dot_s = tl.sum(dot_s, axis=1)
     # the [S, C] chain in closed form: scale, shift (real rows) and zmean, zstd (samples)
     ds = dot + mo * tot  # d/dscale of the real rows: sum g x
     if NORMALIZED:  # zmean = mean scale + shift, zstd = sd scale
@@ -352,13 +358,13 @@ def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, 
     a non-finite statistic anywhere, as the composite form), ``num_batches_tracked += 1`` and
     the guard counters ``[fallbacks, priors offered]``."""
     if TRACK:
-        bad = 0
+        bad = tl.zeros([BC], dtype=tl.int32)
         for c0 in range(0, C, BC):
             c = c0 + tl.arange(0, BC)
             cmask = c < C
             sm, sv = _group_average(MEAN, VAR, c, cmask, S, C, unbias, GROUP0, BC)
-            bad += tl.sum(tl.where(cmask & ~(_finite(sm) & _finite(sv)), 1, 0), axis=0)
-        if bad == 0:
+            bad += tl.where(cmask & ~(_finite(sm) & _finite(sv)), 1, 0)
+        if tl.sum(bad, axis=0) == 0:
             for c0 in range(0, C, BC):
                 c = c0 + tl.arange(0, BC)
                 cmask = c < C

@@ -47,7 +47,7 @@ __all__ = ["available", "supports", "supports_buffers", "training_step", "update
            "torch_noise"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_state = {"torch_noise": False}
+_state = {"torch_noise": False, "ops": False}
 
 
 def available() -> bool:
@@ -113,9 +113,19 @@ def _blocks(x: Tensor, sC: int, groups: int) -> Tuple[int, int]:
     return bc, bl
 
 
+def _use_ops() -> bool:
+    """The custom ops under ``torch.compile`` (or when tests ask for them); plain calls else."""
+    return torch.compiler.is_compiling() or _state["ops"]
+
+
+def _direct(kernel):
+    """Eager launches call the JIT kernel itself (``wrap_triton`` is for traced calls)."""
+    return kernel
+
+
 def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                   real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                  guard_threshold):
+                  guard_threshold, launch=_direct):
     x, sN, sC, sL = _strides(x)
     channels, length = x.shape[1], math.prod(x.shape[2:])
     m = real_rows // groups
@@ -129,14 +139,14 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
     meanvar = torch.empty((2, groups, channels), dtype=torch.float32, device=x.device)
     flags = torch.empty(2, dtype=torch.bool, device=x.device)
     dummy = stats
-    wrap_triton(K.stats_kernel)[grid](
+    launch(K.stats_kernel)[grid](
         x, sN, sC, sL, stats, part,
         dummy if mean_prior is None else mean_prior, dummy if var_prior is None else var_prior,
         dummy if prior_valid is None else prior_valid,
         groups, channels, length, m, kin, real_rows,
         PRIOR=prior_mode, HAS_PVALID=prior_valid is not None, BC=bc, BL=bl,
     )
-    wrap_triton(K.apply_kernel)[grid](
+    launch(K.apply_kernel)[grid](
         x, y, sN, sC, sL, ySN, ySC, ySL, stats, part, flags,
         dummy if weight is None else weight, dummy if bias is None else bias, meanvar,
         dummy if noise is None else noise, seed,
@@ -158,7 +168,7 @@ def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
 
 def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar,
                    real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                   prior_grad):
+                   prior_grad, launch=_direct):
     x, sN, sC, sL = _strides(x)
     grad_y, gSN, gSC, gSL = _strides(grad_y)
     channels, length = x.shape[1], math.prod(x.shape[2:])
@@ -171,7 +181,7 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_mean
     gprior = torch.empty((2, groups, channels) if prior_mode == K.GIVEN_PRIOR and prior_grad
                          else (0,), dtype=torch.float32, device=x.device)
     dummy = stats
-    wrap_triton(K.backward_kernel)[grid](
+    launch(K.backward_kernel)[grid](
         x, grad_y, dx, sN, sC, sL, gSN, gSC, gSL, stats, flags,
         dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if noise is None else noise, seed,
@@ -183,6 +193,70 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_mean
         HAS_GMV=grad_meanvar is not None, BC=bc, BL=bl,
     )
     return dx, gpart.sum(dim=1), gprior
+
+
+def _buffers_impl(running_mean, running_var, num_batches_tracked, guard_counters, mean, var,
+                  used, available, momentum, unbias, track, group0, launch=_direct):
+    groups, channels = mean.shape
+    launch(K.buffers_kernel)[(1,)](
+        mean, var, used, available, running_mean, running_var, num_batches_tracked,
+        guard_counters, groups, channels, momentum, unbias, TRACK=track, GROUP0=group0,
+        BC=min(triton.next_power_of_2(channels), 1024),
+    )
+
+
+def _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, config):
+    ctx.save_for_backward(x, stats, flags, weight, bias, seed, noise)
+    ctx.config = config
+    ctx.prior_dtypes = (None if mean_prior is None else mean_prior.dtype,
+                        None if var_prior is None else var_prior.dtype)
+    ctx.mark_non_differentiable(stats, flags)
+
+
+def _backward_common(ctx, grad_y, grad_meanvar, backward):
+    """The backward of a step for both entry points: ``backward`` is the traced op or the eager
+    implementation."""
+    from .cpu_fused import first_order_only
+
+    first_order_only("triton")
+    x, stats, flags, weight, bias, seed, noise = ctx.saved_tensors
+    real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad = ctx.config
+    prior_grad = prior_grad and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (
+        prior_mode == K.SHADOW_PRIOR and ctx.needs_input_grad[0]))
+    if grad_y is None:
+        grad_y = torch.zeros((real_rows + groups * shadow_rows,) + tuple(x.shape[1:]),
+                             dtype=x.dtype, device=x.device)
+    if grad_meanvar is not None:
+        grad_meanvar = grad_meanvar.contiguous()
+    dx, gwb, gprior = backward(
+        grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar, real_rows,
+        groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad)
+    grad_w = None if weight is None else gwb[0].to(weight.dtype)
+    grad_b = None if bias is None else gwb[1].to(bias.dtype)
+    grad_mp = grad_vp = None
+    if prior_mode == K.GIVEN_PRIOR and prior_grad:
+        grad_mp, grad_vp = gprior[0].to(ctx.prior_dtypes[0]), gprior[1].to(ctx.prior_dtypes[1])
+    return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 12
+
+
+class _EagerStep(torch.autograd.Function):
+    """Eager mode: the same kernels without the custom-op machinery (its dispatch costs more
+    host time than the kernels take on the GPU at small shapes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
+                real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
+                guard_threshold, prior_grad):
+        y, stats, meanvar, flags = _forward_impl(
+            x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise, real_rows,
+            groups, shadow_rows, prior_mode, normalized, gain, eps, guard_threshold)
+        _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags,
+              (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad))
+        return y, stats, meanvar, flags
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags):
+        return _backward_common(ctx, grad_y, grad_meanvar, _backward_impl)
 
 
 if triton is not None:
@@ -198,7 +272,7 @@ if triton is not None:
         """``(y, stats [4, S, C], meanvar [2, S, C], flags [used, available])``."""
         return _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                              real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                             guard_threshold)
+                             guard_threshold, wrap_triton)
 
     @triton_op("kalmannorm::bkn_backward", mutates_args=())
     def bkn_backward(
@@ -210,7 +284,7 @@ if triton is not None:
         """``(dx, [dweight; dbias] [2, C], dprior [2, S, C] or empty)``."""
         return _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar,
                               real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                              prior_grad)
+                              prior_grad, wrap_triton)
 
     @triton_op("kalmannorm::bkn_update_buffers",
                mutates_args={"running_mean", "running_var", "num_batches_tracked",
@@ -221,45 +295,18 @@ if triton is not None:
         momentum: float, unbias: float, track: bool, group0: bool,
     ) -> None:
         """Running averages, ``num_batches_tracked`` and guard counters, in place."""
-        groups, channels = mean.shape
-        wrap_triton(K.buffers_kernel)[(1,)](
-            mean, var, used, available, running_mean, running_var, num_batches_tracked,
-            guard_counters, groups, channels, momentum, unbias, TRACK=track, GROUP0=group0,
-            BC=min(triton.next_power_of_2(channels), 1024),
-        )
+        _buffers_impl(running_mean, running_var, num_batches_tracked, guard_counters, mean, var,
+                      used, available, momentum, unbias, track, group0, wrap_triton)
 
     def _setup_context(ctx, inputs, output) -> None:
         (x, weight, bias, mean_prior, var_prior, _, seed, noise, real_rows, groups,
          shadow_rows, prior_mode, normalized, gain, eps, _, prior_grad) = inputs
         _, stats, _, flags = output
-        ctx.save_for_backward(x, stats, flags, weight, bias, seed, noise)
-        ctx.config = (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                      prior_grad)
-        ctx.prior_dtypes = (None if mean_prior is None else mean_prior.dtype,
-                            None if var_prior is None else var_prior.dtype)
-        ctx.mark_non_differentiable(stats, flags)
+        _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags,
+              (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad))
 
     def _backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags):
-        from .cpu_fused import first_order_only
-
-        first_order_only("triton")
-        x, stats, flags, weight, bias, seed, noise = ctx.saved_tensors
-        real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad = \
-            ctx.config
-        prior_grad = prior_grad and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (
-            prior_mode == K.SHADOW_PRIOR and ctx.needs_input_grad[0]))
-        if grad_y is None:
-            grad_y = torch.zeros((real_rows + groups * shadow_rows,) + tuple(x.shape[1:]),
-                                 dtype=x.dtype, device=x.device)
-        dx, gwb, gprior = bkn_backward(
-            grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar, real_rows,
-            groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad)
-        grad_w = None if weight is None else gwb[0].to(weight.dtype)
-        grad_b = None if bias is None else gwb[1].to(bias.dtype)
-        grad_mp = grad_vp = None
-        if prior_mode == K.GIVEN_PRIOR and prior_grad:
-            grad_mp, grad_vp = gprior[0].to(ctx.prior_dtypes[0]), gprior[1].to(ctx.prior_dtypes[1])
-        return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 12
+        return _backward_common(ctx, grad_y, grad_meanvar, bkn_backward)
 
     bkn_forward.register_autograd(_backward, setup_context=_setup_context)
 
@@ -294,7 +341,8 @@ def training_step(
             mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
         mean_prior, var_prior = mean_prior.contiguous(), var_prior.contiguous()
     valid = None if prior_valid is None else prior_valid.reshape(1)
-    y, _, meanvar, flags = bkn_forward(
+    step = bkn_forward if _use_ops() else _EagerStep.apply
+    y, _, meanvar, flags = step(
         x, weight, bias, mean_prior, var_prior, valid, seed, noise, o.real_rows, groups,
         o.shadow_rows, prior_mode, o.normalized, float(o.gain), float(o.eps),
         float(o.guard_threshold), not o.detach_prior)
@@ -315,7 +363,8 @@ def update_buffers(running_mean: Optional[Tensor], running_var: Optional[Tensor]
     if track and momentum is None:  # cumulative average; reads the count as BatchNorm does
         momentum = 1.0 / (float(num_batches_tracked) + 1.0)
     empty: List[Tensor] = [torch.empty(0, device=guard_counters.device) for _ in range(3)]
-    bkn_update_buffers(
+    update = bkn_update_buffers if _use_ops() else _buffers_impl
+    update(
         running_mean if track else empty[0], running_var if track else empty[1],
         num_batches_tracked if track else empty[2], guard_counters,
         step.mean.detach(), step.var.detach(), step.used, step.available,
