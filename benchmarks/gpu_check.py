@@ -249,9 +249,7 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
                                           shadow_prior=True).y
         fns = {
             "copy": fb(_Copy.apply, x, g),
-            "batchnorm": fb(lambda t: bn(t) if dtype == torch.float32 else
-                            F.batch_norm(t, bn.running_mean, bn.running_var,
-                                         bn.weight.to(dtype), bn.bias.to(dtype), True), x, g),
+            "batchnorm": fb(bn, x, g),  # float32 parameters for any input dtype, as BKN
             "bkn_prior_composite": with_backend("composite", fb(prior_step, x, g)),
             "bkn_prior_triton": with_backend("triton", fb(prior_step, x, g)),
             "bkn_shadow_composite": with_backend("composite", fb(shadow_step, xs, gs)),
