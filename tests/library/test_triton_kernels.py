@@ -61,7 +61,7 @@ def _functional(backend, x, prior, affine, **kw):
 @pytest.mark.parametrize("case", [
     dict(), dict(affine=False), dict(channels_last=True), dict(detach_prior=True),
     dict(no_prior=True), dict(reject=True), dict(nonfinite=True), dict(gain=0.3),
-    dict(shape=(6, 5)), dict(dtype=torch.bfloat16),
+    dict(shape=(6, 5, 3)), dict(dtype=torch.bfloat16),
 ])
 def test_prior_supplied_matches_composite(case):
     shape = case.get("shape", (8, 5, 3, 7))
@@ -220,3 +220,10 @@ def test_kernels_compile_for_hopper(prior, dtype, flags):
     if done.returncode == 3:
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_one_position_rows_stay_on_the_composite_form():
+    x = _inputs((6, 5), torch.float32)
+    assert not triton_ops.supports(x)
+    with pytest.raises(ValueError, match="'triton' backend does not handle"):
+        KF.batch_kalman_norm(x, None, None, None, groups=3, backend="triton")
