@@ -124,6 +124,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... ({default('device')})")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="train through torch.compile (evaluation stays eager)")
     g.add_argument("--run-dir", help="default runs/<label>-seed<seed>; with several seeds, DIR/seed<seed>")
     g.add_argument("--resume", action="store_true", default=None, help="continue from the run's checkpoint")
     g.add_argument("--overwrite", action="store_true", default=None, help="start an existing run again")

@@ -62,7 +62,9 @@ class TrainConfig:
     Run: ``device`` ``"auto"`` picks CUDA when available; ``run_dir`` defaults to
     ``runs/<label>-seed<seed>``; ``resume`` continues from its checkpoint; ``overwrite`` replaces
     an existing run; ``time_limit`` (seconds) stops after the epoch past which another epoch would
-    not fit; ``amp`` trains under bfloat16 autocast (BKN statistics stay float32).
+    not fit; ``amp`` trains under bfloat16 autocast (BKN statistics stay float32);
+    ``compile`` trains through ``torch.compile`` (on CUDA the BKN layers' Triton kernels are
+    traced as custom ops, one graph per model).
     """
 
     label: Optional[str] = None
@@ -92,6 +94,7 @@ class TrainConfig:
     device: str = "auto"
     threads: Optional[int] = None
     amp: bool = False
+    compile: bool = False
     run_dir: Optional[str] = None
     resume: bool = False
     overwrite: bool = False

@@ -333,6 +333,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
         if world > 1:
             ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
             net = nn.parallel.DistributedDataParallel(net, **ddp_kw)
+        if config.compile:
+            net = torch.compile(net)
         state = RunState(config, record, recipe.epochs, steps, rank, world, epoch=record["epochs_done"],
                          model=model, optimizer=optimizer)
         if rank != 0:
