@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [os.path.join(_ROOT, "src"), _ROOT]
 import kalmannorm as kn  # noqa: E402
+from benchmarks.measure import CopyFloor  # noqa: E402
 from kalmannorm import functional as KF  # noqa: E402
 from kalmannorm.functional import triton_ops  # noqa: E402
 
@@ -151,16 +153,6 @@ def repeatability(shape, calls) -> Dict:
 
 
 # --------------------------------------------------------------------------- 3. layers
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.clone()
-
-
 def cuda_time(fn: Callable, iters: int) -> float:
     """Milliseconds per call, CUDA events around ``iters`` calls."""
     if SMOKE["on"]:
@@ -248,7 +240,7 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
         shadow_step = lambda t: bkn._step(t, n, groups, shadow_rows=1,  # noqa: E731
                                           shadow_prior=True).y
         fns = {
-            "copy": fb(_Copy.apply, x, g),
+            "copy": fb(CopyFloor.apply, x, g),
             "batchnorm": fb(bn, x, g),  # float32 parameters for any input dtype, as BKN
             "bkn_prior_composite": with_backend("composite", fb(prior_step, x, g)),
             "bkn_prior_triton": with_backend("triton", fb(prior_step, x, g)),
