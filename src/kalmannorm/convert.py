@@ -6,7 +6,7 @@ sharing their parameters and buffers and keeping their training flag.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -68,7 +68,10 @@ def convert_batchnorm(
     detach_prior: bool = False,
     propagate: str = "raw",
     running_stats: str = "all",
-    rows_per_group: Optional[int] = None,
+    guard: str = "upper",
+    gain_rule: str = "fixed",
+    gain_warmup: int = 0,
+    rows_per_group: Union[int, str, None] = None,
     generator: Optional[torch.Generator] = None,
     prediction: str = "sampled",
 ) -> KalmanPredictor:
@@ -82,8 +85,8 @@ def convert_batchnorm(
 
     Args:
         module: a model holding at least one BatchNorm layer.
-        gain, micro_batch, guard_threshold, detach_prior, propagate, running_stats: options of
-            every new layer, see :class:`BatchKalmanNorm2d`.
+        gain, micro_batch, guard_threshold, detach_prior, propagate, running_stats, guard,
+            gain_rule, gain_warmup: options of every new layer, see :class:`BatchKalmanNorm2d`.
         rows_per_group, generator: options of the :class:`KalmanPredictor`.
         prediction: ``"sampled"`` (shadow rows, :class:`KalmanPredictor`) or ``"analytic"``
             (moments in closed form, :class:`~kalmannorm.analytic.AnalyticKalmanPredictor`;
@@ -108,6 +111,7 @@ def convert_batchnorm(
     options = dict(
         gain=gain, micro_batch=micro_batch, guard_threshold=guard_threshold,
         detach_prior=detach_prior, propagate=propagate, running_stats=running_stats,
+        guard=guard, gain_rule=gain_rule, gain_warmup=gain_warmup,
     )
 
     def make(layer: nn.Module) -> Optional[nn.Module]:

@@ -98,6 +98,9 @@ class _BatchKalmanNorm(_GroupedNorm):
         detach_prior: bool = False,
         propagate: str = "raw",
         running_stats: str = "all",
+        guard: str = "upper",
+        gain_rule: str = "fixed",
+        gain_warmup: int = 0,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          micro_batch)
@@ -111,7 +114,19 @@ class _BatchKalmanNorm(_GroupedNorm):
             raise ValueError(
                 f"running_stats must be one of {RUNNING_STATS_MODES} (got {running_stats!r})"
             )
+        if guard not in KF.GUARD_MODES:
+            raise ValueError(f"guard must be one of {KF.GUARD_MODES} (got {guard!r})")
+        if gain_rule not in KF.GAIN_RULES:
+            raise ValueError(f"gain_rule must be one of {KF.GAIN_RULES} (got {gain_rule!r})")
+        if isinstance(gain_warmup, bool) or not isinstance(gain_warmup, int) or gain_warmup < 0:
+            raise ValueError(f"gain_warmup must be a non-negative int (got {gain_warmup!r})")
+        if gain_warmup and not track_running_stats:
+            raise ValueError("gain_warmup counts steps in num_batches_tracked, so it needs "
+                             "track_running_stats=True")
         self.gain = float(gain)
+        self.guard = guard
+        self.gain_rule = gain_rule
+        self.gain_warmup = gain_warmup
         self.guard_threshold = float(guard_threshold)
         self.detach_prior = detach_prior
         self.propagate = propagate
@@ -129,8 +144,17 @@ class _BatchKalmanNorm(_GroupedNorm):
         return (
             f"{super().extra_repr()}, gain={self.gain}, micro_batch={self.micro_batch}, "
             f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
-            f"propagate={self.propagate!r}, running_stats={self.running_stats!r}"
+            f"propagate={self.propagate!r}, running_stats={self.running_stats!r}, "
+            f"guard={self.guard!r}, gain_rule={self.gain_rule!r}, gain_warmup={self.gain_warmup}"
         )
+
+    def _effective_gain(self):
+        """``gain``, ramped linearly from 0 over the first ``gain_warmup`` steps (a tensor
+        computed from ``num_batches_tracked``, no host synchronisation)."""
+        if not self.gain_warmup:
+            return self.gain
+        ramp = self.num_batches_tracked.to(torch.float32) / self.gain_warmup
+        return ramp.clamp(max=1.0) * self.gain
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -166,10 +190,10 @@ class _BatchKalmanNorm(_GroupedNorm):
         """One training step through the functional core, then the buffers."""
         values_per_group = self._values_per_group(x[:real_rows], groups)
         options = KF.StepOptions(
-            real_rows=real_rows, groups=groups, gain=self.gain, eps=self.eps,
+            real_rows=real_rows, groups=groups, gain=self._effective_gain(), eps=self.eps,
             guard_threshold=self.guard_threshold, shadow_rows=shadow_rows,
             shadow_prior=shadow_prior, normalized=self.propagate == "normalized",
-            detach_prior=self.detach_prior,
+            detach_prior=self.detach_prior, guard=self.guard, gain_rule=self.gain_rule,
         )
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
                                   generator)
@@ -221,6 +245,15 @@ _DOC_OPTIONS = """
             samples after this layer's normalization and affine. Default: ``"raw"``.
         running_stats: ``"all"`` averages the combined statistics of all groups into the running
             buffers; ``"group0"`` uses group 0 only (the released code). Default: ``"all"``.
+        guard: ``"upper"`` rejects the prior when it over-estimates the variance (the released
+            guard); ``"two_sided"`` decides on the geometric mean of ``var_prior / var_obs`` and
+            rejects under-estimates by the same factor too. Default: ``"upper"``.
+        gain_rule: ``"fixed"`` weighs the prior by ``gain`` (the released code); ``"kalman"``
+            by ``min(gain, a / d)`` per step, ``a`` the observation noise and ``d`` the
+            measured prior-minus-observation error (see
+            :func:`kalmannorm.functional.measured_gain`). Default: ``"fixed"``.
+        gain_warmup: ramp the gain linearly from 0 over this many training steps (counted by
+            ``num_batches_tracked``); 0 for none. Default: 0.
 
     The running variance is unbiased (``count / (count - 1)`` with ``count`` the values per
     group); normalization uses the biased variance. Statistics are float32 for any input dtype.

@@ -12,8 +12,9 @@ activations. The wrapper strips the shadow rows from the outputs.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,8 @@ class ShadowBatch:
         self.groups = 1
         self.rows_per_group = 1
         self.has_predecessor = False
+        # layer -> (values per shadow row behind its prior, had a predecessor), this pass
+        self.prior_sizes: Dict[nn.Module, Tuple[int, bool]] = {}
 
     def begin(self, real_rows: int, groups: int, rows_per_group: int) -> None:
         self.active = True
@@ -54,6 +57,7 @@ class ShadowBatch:
         self.groups = groups
         self.rows_per_group = rows_per_group
         self.has_predecessor = False
+        self.prior_sizes = {}
 
     def end(self) -> None:
         self.active = False
@@ -77,6 +81,8 @@ class ShadowBatch:
                 "inside a KalmanPredictor a BKN layer must receive tensors computed row by row "
                 "from the batch"
             )
+        # values behind one group's prior per shadow row: (time steps) x positions
+        self.prior_sizes[layer] = ((rows // total) * math.prod(x.shape[2:]), self.has_predecessor)
         return (rows // total) * self.real_rows, self.groups
 
 
@@ -173,7 +179,12 @@ class KalmanPredictor(nn.Module):
             batch (``nn.BatchNorm*`` etc. would mix shadow rows into their statistics).
         rows_per_group: ``K``. A layer without spatial positions (``BatchKalmanNorm1d`` on
             ``[N, C]``) needs ``K > 1`` to estimate a variance. ``None`` picks 1, or 4 if the
-            model holds a ``BatchKalmanNorm1d``. Default: ``None``.
+            model holds a ``BatchKalmanNorm1d``. ``"auto"`` measures the smallest map of the
+            first training pass (run with the ``None`` choice) and sets ``K`` so that every
+            prior is estimated from at least ``min_prior_values`` values per group. After the
+            first pass, layers that cannot get a prior (one value per group) are reported by a
+            warning and by :meth:`layers_without_prior`. Default: ``None``.
+        min_prior_values: the target of ``rows_per_group="auto"``. Default: 16.
         generator: random generator for the samples. Default: the global one.
 
     Shape:
@@ -191,8 +202,9 @@ class KalmanPredictor(nn.Module):
         self,
         module: nn.Module,
         *,
-        rows_per_group: Optional[int] = None,
+        rows_per_group: Union[int, str, None] = None,
         generator: Optional[torch.Generator] = None,
+        min_prior_values: int = 16,
     ) -> None:
         super().__init__()
         layers = [m for m in module.modules() if isinstance(m, _BatchKalmanNorm)]
@@ -210,13 +222,23 @@ class KalmanPredictor(nn.Module):
         coupled = _batch_coupled(module)
         if coupled:
             raise ValueError(self._coupled_message(coupled))
-        if rows_per_group is None:
+        self.auto_rows = rows_per_group == "auto"
+        if rows_per_group is None or self.auto_rows:
             rows_per_group = 4 if any(isinstance(m, BatchKalmanNorm1d) for m in layers) else 1
-        if not isinstance(rows_per_group, int) or rows_per_group < 1:
-            raise ValueError(f"rows_per_group must be a positive int (got {rows_per_group!r})")
+        if isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int) \
+                or rows_per_group < 1:
+            raise ValueError(
+                f"rows_per_group must be a positive int, 'auto' or None (got {rows_per_group!r})"
+            )
+        if isinstance(min_prior_values, bool) or not isinstance(min_prior_values, int) \
+                or min_prior_values < 2:
+            raise ValueError(f"min_prior_values must be an int >= 2 (got {min_prior_values!r})")
         self.module = module
         self.micro_batch = micro_batches.pop()
         self.rows_per_group = rows_per_group
+        self.min_prior_values = min_prior_values
+        # per layer name: values per shadow row behind its prior, measured in the first pass
+        self.prior_sizes: Optional[Dict[str, int]] = None
         self.shadow_batch = ShadowBatch(generator)
         for layer in layers:
             layer._shadow_batch = self.shadow_batch
@@ -230,7 +252,37 @@ class KalmanPredictor(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"micro_batch={self.micro_batch}, rows_per_group={self.rows_per_group}"
+        auto = ", auto" if self.auto_rows else ""
+        return f"micro_batch={self.micro_batch}, rows_per_group={self.rows_per_group}{auto}"
+
+    def layers_without_prior(self) -> List[str]:
+        """Names of the BKN layers whose prior has one value per group, so zero variance: they
+        act as per-group BatchNorm (measured in the first training pass; empty before it)."""
+        if self.prior_sizes is None:
+            return []
+        return [name for name, per_row in self.prior_sizes.items()
+                if per_row * self.rows_per_group < 2]
+
+    def _calibrate(self) -> None:
+        """After the first training pass: choose ``K`` (``"auto"``) and report priorless layers."""
+        names = {m: name for name, m in self.module.named_modules()}
+        self.prior_sizes = {
+            names.get(layer, type(layer).__name__): per_row
+            for layer, (per_row, had_predecessor) in self.shadow_batch.prior_sizes.items()
+            if had_predecessor and layer.gain > 0
+        }
+        if self.auto_rows and self.prior_sizes:
+            smallest = min(self.prior_sizes.values())
+            self.rows_per_group = max(self.rows_per_group,
+                                      math.ceil(self.min_prior_values / smallest))
+        missing = self.layers_without_prior()
+        if missing:
+            warnings.warn(
+                f"BKN layers {missing} get one value per group in their prior (1x1 maps with "
+                f"rows_per_group={self.rows_per_group}), so no prior: they act as per-group "
+                "BatchNorm; use KalmanPredictor(..., rows_per_group='auto') or a larger int",
+                stacklevel=3,
+            )
 
     def _predicting(self) -> bool:
         return self.training and any(
@@ -270,4 +322,6 @@ class KalmanPredictor(nn.Module):
             out = self.module(*args, **kwargs)
         finally:
             self.shadow_batch.end()
+        if self.prior_sizes is None:
+            self._calibrate()
         return _map_batch(out, rows + extra, lambda t: t[:rows])

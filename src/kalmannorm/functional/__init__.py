@@ -13,19 +13,23 @@ Shapes: ``x`` is ``[N, C, *spatial]``; its ``N`` rows split into ``S`` contiguou
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .composite import (
+    GAIN_RULES,
+    GUARD_MODES,
     StepOptions,
     StepResult,
     group_affine,
     group_moments,
     kalman_update,
+    measured_gain,
     normalize,
     prior_from_rows,
+    released_update,
     safe_std,
     sample_rows,
     stat_dtype,
@@ -45,6 +49,10 @@ from .dispatch import (
 __all__ = [
     "group_moments",
     "kalman_update",
+    "measured_gain",
+    "GUARD_MODES",
+    "GAIN_RULES",
+    "released_update",
     "group_affine",
     "normalize",
     "batch_kalman_norm",
@@ -72,13 +80,15 @@ def batch_kalman_norm(
     bias: Optional[Tensor],
     *,
     groups: int = 1,
-    gain: float = 0.9,
+    gain: Union[float, Tensor] = 0.9,
     eps: float = 1e-5,
     guard_threshold: float = 100.0,
     detach_prior: bool = False,
     prior_valid: Optional[Tensor] = None,
     backend: Optional[str] = None,
     fused: Optional[bool] = None,
+    guard: str = "upper",
+    gain_rule: str = "fixed",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch Kalman Normalization of one layer in training mode.
 
@@ -91,9 +101,12 @@ def batch_kalman_norm(
         prior: ``(mean_prior, var_prior)``, each ``[S, C]``, or ``None``.
         weight, bias: ``[C]`` or ``None``.
         groups: ``S``, number of statistics groups (contiguous rows). Default: 1.
-        gain: weight ``p`` on the prior. Default: 0.9.
+        gain: weight ``p`` on the prior (a float, or a 0-dim tensor such as a warm-up ramp,
+            composite backend). Default: 0.9.
         eps: added to the variance. Default: 1e-5.
-        guard_threshold: see :func:`kalman_update`. Default: 100.
+        guard_threshold, guard, gain_rule: see :func:`kalman_update`. Defaults: 100,
+            ``"upper"``, ``"fixed"`` (the released update; the others run on the composite
+            backend).
         detach_prior: stop gradients through the prior (an ablation; the released code
             back-propagates through it). Default: ``False``.
         prior_valid: optional 0-dim bool tensor; false rejects the prior.
@@ -112,10 +125,17 @@ def batch_kalman_norm(
     if fused is not None and backend is None:
         backend = "cpu_fused" if fused else "composite"
     _check_groups(x, groups)
-    if not 0.0 <= gain <= 1.0:
-        raise ValueError(f"gain must be in [0, 1] (got {gain})")
-    options = StepOptions(real_rows=x.shape[0], groups=groups, gain=float(gain), eps=float(eps),
-                          guard_threshold=float(guard_threshold), detach_prior=detach_prior)
+    if not isinstance(gain, Tensor):
+        if not 0.0 <= gain <= 1.0:
+            raise ValueError(f"gain must be in [0, 1] (got {gain})")
+        gain = float(gain)
+    if guard not in GUARD_MODES:
+        raise ValueError(f"guard must be one of {GUARD_MODES} (got {guard!r})")
+    if gain_rule not in GAIN_RULES:
+        raise ValueError(f"gain_rule must be one of {GAIN_RULES} (got {gain_rule!r})")
+    options = StepOptions(real_rows=x.shape[0], groups=groups, gain=gain, eps=float(eps),
+                          guard_threshold=float(guard_threshold), detach_prior=detach_prior,
+                          guard=guard, gain_rule=gain_rule)
     y, mean, var, used, _ = training_step(x, weight, bias, options, prior, prior_valid,
                                           backend=backend)
     return y, mean, var, used

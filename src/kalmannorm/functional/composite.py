@@ -16,16 +16,21 @@ Shapes: ``x`` is ``[N, C, *spatial]``; its ``N`` rows split into ``S`` contiguou
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "StepOptions",
+    "released_update",
     "StepResult",
     "group_moments",
     "kalman_update",
+    "measured_gain",
+    "GUARD_MODES",
+    "GAIN_RULES",
     "group_affine",
     "normalize",
     "prior_from_rows",
@@ -37,6 +42,13 @@ __all__ = [
 ]
 
 _TINY = torch.finfo(torch.float32).tiny
+
+#: ``"upper"``: the released guard (rejects over-estimates only); ``"two_sided"`` also rejects
+#: under-estimates, on the geometric mean of the ratio.
+GUARD_MODES = ("upper", "two_sided")
+#: ``"fixed"``: the weight on the prior is ``gain`` (the released code); ``"kalman"``: it is
+#: measured per layer and step by :func:`measured_gain`, at most ``gain``.
+GAIN_RULES = ("fixed", "kalman")
 
 
 class StepOptions(NamedTuple):
@@ -53,17 +65,29 @@ class StepOptions(NamedTuple):
         normalized: the shadow rows carry samples of the normalized output (``"normalized"``
             propagation) instead of the combined statistics of the raw input.
         detach_prior: no gradient through the prior.
+        guard, gain_rule: see :func:`kalman_update`; ``gain`` may then be a 0-dim tensor (a
+            warm-up ramp). Backends other than this one implement the released update only
+            (``"upper"``, ``"fixed"``, a float gain): see :func:`released_update`.
     """
 
     real_rows: int
     groups: int
-    gain: float = 0.9
+    gain: Union[float, Tensor] = 0.9
     eps: float = 1e-5
     guard_threshold: float = 100.0
     shadow_rows: int = 0
     shadow_prior: bool = False
     normalized: bool = False
     detach_prior: bool = False
+    guard: str = "upper"
+    gain_rule: str = "fixed"
+
+
+def released_update(options: StepOptions) -> bool:
+    """Whether ``options`` ask for the released code's update (a float gain, the upper guard,
+    the fixed gain rule), the one every backend implements."""
+    return options.guard == "upper" and options.gain_rule == "fixed" \
+        and not isinstance(options.gain, Tensor)
 
 
 class StepResult(NamedTuple):
@@ -135,14 +159,63 @@ def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
+def measured_gain(
+    mean_obs: Tensor,
+    var_obs: Tensor,
+    mean_prior: Tensor,
+    var_prior: Tensor,
+    count: int,
+) -> Tensor:
+    """The weight on the prior that a Kalman filter would give it, measured per layer and step.
+
+    In log-variance and standardized-mean units the observed statistics of one group have a
+    noise variance ``a`` and the prior an error variance ``e`` (its own sampling noise plus how
+    far the prediction is off); the Kalman weight on the prior is ``a / (a + e)``. The squared
+    prior-minus-observation difference estimates ``a + e`` (independent errors), so::
+
+        d = mean((log var_prior - log var_obs)^2 + (mean_prior - mean_obs)^2 / var_obs)
+        a = spread of the groups' observations around their average (S >= 2 groups), or
+            2 / (count - 1) + 1 / count (a Gaussian sample of ``count`` values, S = 1)
+        p = a / max(d, a)
+
+    A prior as good as a second observation gets ``a / (2a) = 1/2``; one ten times worse than
+    the observation noise gets about 0.1; a prior with a zero-variance channel gets 0. Computed
+    without gradient (it is a decision, like the guard) and without a host synchronisation.
+
+    Args:
+        mean_obs, var_obs, mean_prior, var_prior: ``[S, C]`` statistics.
+        count: values behind one group's observed statistics (rows per group times positions).
+
+    Returns:
+        A 0-dim float tensor in ``[0, 1]``.
+    """
+    with torch.no_grad():
+        log_obs = var_obs.clamp_min(_TINY).log()
+        log_prior = var_prior.clamp_min(_TINY).log()
+        scale = var_obs.clamp_min(_TINY)
+        d = ((log_prior - log_obs).square() + (mean_prior - mean_obs).square() / scale).mean()
+        groups = var_obs.shape[0]
+        if groups >= 2:
+            a = (log_obs.var(dim=0) + mean_obs.var(dim=0) / scale.mean(dim=0)).mean()
+        else:
+            a = torch.tensor(2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
+                             dtype=var_obs.dtype)
+        p = a / torch.maximum(d, a)
+        return torch.where(torch.isfinite(p), p, torch.zeros_like(p))
+
+
 def kalman_update(
     mean_obs: Tensor,
     var_obs: Tensor,
     mean_prior: Tensor,
     var_prior: Tensor,
-    gain: float,
+    gain: Union[float, Tensor],
     guard_threshold: float = 100.0,
     prior_valid: Optional[Tensor] = None,
+    *,
+    guard: str = "upper",
+    gain_rule: str = "fixed",
+    count: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Combine the predicted and the observed statistics (method.md section 3).
 
@@ -158,29 +231,55 @@ def kalman_update(
     whose variance is zero everywhere is "no prior". The choice is a tensor ``where`` (no host
     synchronisation), and the branch not taken receives exactly zero gradient.
 
+    ``guard="two_sided"`` decides on the geometric mean instead and rejects under-estimates too:
+    the prior is used when ``|mean(log(var_prior / var_obs))| < log(guard_threshold)``.
+    ``gain_rule="kalman"`` replaces ``p`` by ``min(gain, measured_gain(...))``
+    (:func:`measured_gain`): the prior is trusted by how well it predicted this step.
+
     Args:
         mean_obs, var_obs: observed statistics ``[S, C]``.
         mean_prior, var_prior: predicted statistics ``[S, C]``; must be finite where
             ``prior_valid`` is true (see :func:`prior_from_rows`).
-        gain: ``p`` in ``[0, 1]``, the weight on the prediction.
+        gain: ``p`` in ``[0, 1]``, the weight on the prediction (a float or a 0-dim tensor,
+            e.g. a warm-up ramp).
         guard_threshold: ratio at or above which the prior is rejected. Default: 100.
         prior_valid: optional 0-dim bool tensor; false rejects the prior.
+        guard: ``"upper"`` (the released guard) or ``"two_sided"``. Default: ``"upper"``.
+        gain_rule: ``"fixed"`` (the released code) or ``"kalman"``. Default: ``"fixed"``.
+        count: values behind one group's observed statistics; needed by ``gain_rule="kalman"``
+            with a single group.
 
     Returns:
         ``(mean, var, used_prior)``: ``[S, C]`` float32 statistics and a 0-dim bool tensor.
     """
-    if not 0.0 <= gain <= 1.0:
+    if not isinstance(gain, Tensor) and not 0.0 <= gain <= 1.0:
         raise ValueError(f"gain must be in [0, 1] (got {gain})")
+    if guard not in GUARD_MODES:
+        raise ValueError(f"guard must be one of {GUARD_MODES} (got {guard!r})")
+    if gain_rule not in GAIN_RULES:
+        raise ValueError(f"gain_rule must be one of {GAIN_RULES} (got {gain_rule!r})")
+    if gain_rule == "kalman" and mean_obs.shape[0] < 2 and count is None:
+        raise ValueError("gain_rule='kalman' with a single group needs count (values per group)")
     with torch.no_grad():
-        ratio = (var_prior / var_obs).mean()
-        used = (var_prior != 0).any() & torch.isfinite(ratio) & (ratio < guard_threshold)
-        used = used & torch.isfinite(mean_prior).all()
+        if guard == "upper":
+            ratio = (var_prior / var_obs).mean()
+            used = torch.isfinite(ratio) & (ratio < guard_threshold)
+        else:
+            log_ratio = (var_prior.clamp_min(_TINY) / var_obs.clamp_min(_TINY)).log().mean()
+            used = torch.isfinite(log_ratio) & (log_ratio.abs() < math.log(guard_threshold))
+        used = used & (var_prior != 0).any() & torch.isfinite(mean_prior).all()
         if prior_valid is not None:
             used = used & prior_valid
     # A rejected prior (possibly inf/nan) is swapped out before any arithmetic, so the branch
     # not taken cannot turn its zero gradient into nan (0 * inf).
     mean_prior = torch.where(used, mean_prior, mean_obs.detach())
     var_prior = torch.where(used, var_prior, var_obs.detach())
+    if gain_rule == "kalman":
+        measured = measured_gain(mean_obs, var_obs, mean_prior, var_prior, count or 2)
+        gain = torch.clamp(measured, max=gain) if not isinstance(gain, Tensor) \
+            else torch.minimum(measured, gain.to(measured.dtype))
+    if isinstance(gain, Tensor):
+        gain = gain.to(mean_obs.dtype)
     diff = mean_obs - mean_prior
     mean = torch.lerp(mean_obs, mean_prior, gain)
     var = torch.lerp(var_obs, var_prior, gain) + (gain * (1.0 - gain)) * diff.square()
@@ -343,7 +442,8 @@ def training_step(
             mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
         mean, var, used = kalman_update(
             mean_obs, var_obs, mean_prior.to(mean_obs.dtype), var_prior.to(var_obs.dtype),
-            o.gain, o.guard_threshold, prior_valid,
+            o.gain, o.guard_threshold, prior_valid, guard=o.guard, gain_rule=o.gain_rule,
+            count=(o.real_rows // o.groups) * math.prod(x.shape[2:]),
         )
         # A prior with zero variance everywhere is no prior (not counted by the guard counters).
         available = (var_prior != 0).any()

@@ -143,6 +143,15 @@ def training_step(
                 f"(got {tuple(prior[0].shape)} and {tuple(prior[1].shape)})"
             )
     name = resolve_backend(x, backend)
+    if name != "composite" and not composite.released_update(options):
+        # The prior options beyond the released update (issue 9) live in the composite core.
+        if (backend or get_backend()) != "auto":
+            raise ValueError(
+                f"the {name!r} backend implements the released update only (gain_rule='fixed', "
+                "guard='upper', a float gain, no gain_warmup); use the 'composite' or 'auto' "
+                "backend for the other options"
+            )
+        name = "composite"
     return _STEP[name](x, weight, bias, options, prior, prior_valid, generator)
 
 
