@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import subprocess
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -135,7 +135,8 @@ def load_subset_tensors(path: str = SUBSET):
 
 
 # --------------------------------------------------------------------------------------- models
-def build(arch: str, num_classes: int, in_channels: int, norm_layer) -> nn.Module:
+def build(arch: str, num_classes: int, in_channels: int, norm_layer,
+          width: Optional[int] = None) -> nn.Module:
     """``preact_resnet*`` from the harness, or a torchvision classifier with random weights.
 
     ``mobilenet_v2_w050``: torchvision's MobileNetV2 at width 0.5 (inverted residuals,
@@ -147,7 +148,7 @@ def build(arch: str, num_classes: int, in_channels: int, norm_layer) -> nn.Modul
             from kalmannorm.harness.models import build_model
         except ImportError:
             from kalmannorm.models import build_model
-        width = 8 if in_channels == 1 else 16
+        width = width or (8 if in_channels == 1 else 16)
         return build_model(arch, num_classes, norm_layer, in_channels, width=width)
     torchvision = import_torchvision()
     if arch == "mobilenet_v2_w050":

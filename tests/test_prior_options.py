@@ -181,7 +181,7 @@ def test_auto_rows_give_every_prior_enough_values():
     net(torch.randn(4, 3, 8, 8))
     assert seen["rows"] == 4 + 2 * 8
     # the 1x1 layer now gets a prior with nonzero variance, used by the guard
-    assert layer.guard_counts[1].item() >= 1
+    assert layer.guard_counters[1].item() >= 1
 
 
 def test_predictor_rejects_bad_rows_options():
@@ -209,3 +209,14 @@ def test_converted_model_trains_with_new_options(options):
         opt.step()
         assert torch.isfinite(loss)
     assert kn.guard_counts(model)["priors"] == 3
+
+
+def test_convert_refuses_bad_rows_options_before_touching_the_model():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.BatchNorm2d(4))
+    for bad in (dict(rows_per_group="many"), dict(rows_per_group="auto", min_prior_values=0)):
+        with pytest.raises(ValueError):
+            kn.convert_batchnorm(net, micro_batch=2, **bad)
+        assert type(net[1]) is nn.BatchNorm2d and type(net[4]) is nn.BatchNorm2d
+    model = kn.convert_batchnorm(net, micro_batch=2, rows_per_group="auto", min_prior_values=4)
+    assert model.auto_rows and model.min_prior_values == 4

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, _BatchKalmanNorm
 from .analytic import AnalyticKalmanPredictor, check_analytic
-from .prediction import KalmanPredictor
+from .prediction import KalmanPredictor, check_rows_options
 
 __all__ = ["convert_batchnorm", "to_batchnorm"]
 
@@ -72,6 +72,7 @@ def convert_batchnorm(
     gain_rule: str = "fixed",
     gain_warmup: int = 0,
     rows_per_group: Union[int, str, None] = None,
+    min_prior_values: int = 16,
     generator: Optional[torch.Generator] = None,
     prediction: str = "sampled",
 ) -> KalmanPredictor:
@@ -87,7 +88,8 @@ def convert_batchnorm(
         module: a model holding at least one BatchNorm layer.
         gain, micro_batch, guard_threshold, detach_prior, propagate, running_stats, guard,
             gain_rule, gain_warmup: options of every new layer, see :class:`BatchKalmanNorm2d`.
-        rows_per_group, generator: options of the :class:`KalmanPredictor`.
+        rows_per_group, min_prior_values, generator: options of the :class:`KalmanPredictor`
+            (``rows_per_group="auto"`` picks the shadow rows from the smallest map).
         prediction: ``"sampled"`` (shadow rows, :class:`KalmanPredictor`) or ``"analytic"``
             (moments in closed form, :class:`~kalmannorm.analytic.AnalyticKalmanPredictor`;
             a model it cannot follow is refused before any layer is replaced). Default:
@@ -108,6 +110,8 @@ def convert_batchnorm(
         if rows_per_group is not None or generator is not None:
             raise ValueError("rows_per_group and generator apply to prediction='sampled' only")
         check_analytic(module)
+    else:
+        check_rows_options(rows_per_group, min_prior_values)
     options = dict(
         gain=gain, micro_batch=micro_batch, guard_threshold=guard_threshold,
         detach_prior=detach_prior, propagate=propagate, running_stats=running_stats,
@@ -137,7 +141,8 @@ def convert_batchnorm(
         )
     if prediction == "analytic":
         return AnalyticKalmanPredictor(converted)
-    return KalmanPredictor(converted, rows_per_group=rows_per_group, generator=generator)
+    return KalmanPredictor(converted, rows_per_group=rows_per_group, generator=generator,
+                           min_prior_values=min_prior_values)
 
 
 def to_batchnorm(module: nn.Module) -> nn.Module:

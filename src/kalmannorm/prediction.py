@@ -86,6 +86,20 @@ class ShadowBatch:
         return (rows // total) * self.real_rows, self.groups
 
 
+def check_rows_options(rows_per_group: Union[int, str, None], min_prior_values: int) -> None:
+    """Validate :class:`KalmanPredictor`'s ``rows_per_group`` and ``min_prior_values``."""
+    if rows_per_group not in (None, "auto") and (
+        isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int)
+        or rows_per_group < 1
+    ):
+        raise ValueError(
+            f"rows_per_group must be a positive int, 'auto' or None (got {rows_per_group!r})"
+        )
+    if isinstance(min_prior_values, bool) or not isinstance(min_prior_values, int) \
+            or min_prior_values < 2:
+        raise ValueError(f"min_prior_values must be an int >= 2 (got {min_prior_values!r})")
+
+
 def has_kalman_layers(module: nn.Module) -> bool:
     """Whether ``module`` contains a Batch Kalman Normalization layer."""
     return any(isinstance(m, _BatchKalmanNorm) for m in module.modules())
@@ -222,17 +236,10 @@ class KalmanPredictor(nn.Module):
         coupled = _batch_coupled(module)
         if coupled:
             raise ValueError(self._coupled_message(coupled))
+        check_rows_options(rows_per_group, min_prior_values)
         self.auto_rows = rows_per_group == "auto"
         if rows_per_group is None or self.auto_rows:
             rows_per_group = 4 if any(isinstance(m, BatchKalmanNorm1d) for m in layers) else 1
-        if isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int) \
-                or rows_per_group < 1:
-            raise ValueError(
-                f"rows_per_group must be a positive int, 'auto' or None (got {rows_per_group!r})"
-            )
-        if isinstance(min_prior_values, bool) or not isinstance(min_prior_values, int) \
-                or min_prior_values < 2:
-            raise ValueError(f"min_prior_values must be an int >= 2 (got {min_prior_values!r})")
         self.module = module
         self.micro_batch = micro_batches.pop()
         self.rows_per_group = rows_per_group

@@ -17,6 +17,7 @@ the reason. The choice is process-wide (like ``torch.backends`` flags), not per 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Iterator, Optional, Tuple
@@ -42,6 +43,9 @@ _STEP = {
     "cpu_fused": cpu_fused.training_step,
     "triton": triton_ops.training_step,
 }
+_ReleasedStepOptions = collections.namedtuple(
+    "_ReleasedStepOptions", StepOptions._fields[:StepOptions._fields.index("guard")])
+
 _chosen: dict = {"name": None}  # set_backend's choice; None: the environment's, else "auto"
 
 
@@ -152,6 +156,10 @@ def training_step(
                 "backend for the other options"
             )
         name = "composite"
+    if name == "cpu_fused":
+        # cpu_fused unpacks the released fields of StepOptions by position; the prior options
+        # (guard, gain_rule) are at their released values here.
+        options = _ReleasedStepOptions(*options[:len(_ReleasedStepOptions._fields)])
     return _STEP[name](x, weight, bias, options, prior, prior_valid, generator)
 
 

@@ -7,7 +7,7 @@ imported only when its command runs, e.g. ``bench``. A command lists the package
 
 Usage::
 
-    kalmannorm demo                                   # the offline micro-batch comparison
+    kalmannorm demo                                   # micro-batch comparison, bundled photographs
     kalmannorm train --norm bkn --gain 0.9 --micro-batch 2 --epochs 10
     kalmannorm train --dataset cifar10 --data-dir data --arch preact_resnet32 --recipe paper \\
         --norm bkn --gain 0.9 --micro-batch 2 --device cuda
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -198,46 +197,101 @@ def report_main(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- demo
-def demo_configs(epochs: int = 15, seeds: Sequence[int] = (0,), out: str = os.path.join("runs", "demo"),
-                 **common: Any) -> List[Any]:
-    """The demo's runs: micro-batch comparison on the offline digits data.
+# Calibrated by measurement (docs/results/demo/, experiments/demo_calibration.py): the smallest
+# model, subset and epoch count at which the micro-batch gap between BatchNorm with full-batch
+# statistics and BatchNorm at micro-batch 2 is larger than the spread over seeds, within five
+# minutes on 2 CPU cores for all methods.
+DEMO = dict(dataset="cifar10_subset", arch="preact_resnet20", width=8, batch_size=64, lr=0.1,
+            epochs=4, limit_train=None)
+DEMO_BKN = "BKN, m=2"
+DEMO_BN_FULL = "BN, full batch"
+DEMO_BN_M2 = "BN, m=2"
 
-    Pre-activation ResNet-20 at width 8, SGD batch 64 with the short recipe; statistics over the
-    whole batch (BN) or over micro-batches of 2: BN, GroupNorm (4 groups), Batch Renorm, BKN
-    (p = 0.9). Batch Renorm's warm-up is scaled to the run (a tenth of the steps, then a ramp
-    over another fifth) instead of its defaults, meant for far longer runs.
-    """
-    from .train import TrainConfig
 
-    base = dict(dataset="digits", arch="preact_resnet20", width=8, batch_size=64, epochs=epochs, lr=0.1)
-    base.update(common)
-    steps = 1437 // base["batch_size"] * epochs  # digits: 1,437 training images
-    methods = [
-        dict(label="BN, full batch", norm="batchnorm"),
-        dict(label="BN, m=2", norm="ghost_batchnorm", micro_batch=2),
+def demo_methods(steps: int) -> List[Dict[str, Any]]:
+    """The methods the demo compares; Batch Renorm's warm-up is scaled to ``steps``."""
+    return [
+        dict(label=DEMO_BN_FULL, norm="batchnorm"),
+        dict(label=DEMO_BN_M2, norm="ghost_batchnorm", micro_batch=2),
         dict(label="GN (4 groups)", norm="groupnorm", norm_options=dict(num_groups=4)),
         dict(label="BRN, m=2", norm="batchrenorm", micro_batch=2,
              norm_options=dict(warmup_steps=steps // 10, ramp_steps=steps // 5)),
-        dict(label="BKN (p=0.9), m=2", norm="bkn", gain=0.9, micro_batch=2),
+        dict(label=DEMO_BKN, norm="bkn", gain=0.9, micro_batch=2),
     ]
+
+
+def demo_configs(epochs: Optional[int] = None, seeds: Sequence[int] = (0,),
+                 out: str = os.path.join("runs", "demo"), dataset: Optional[str] = None,
+                 **common: Any) -> List[Any]:
+    """The demo's runs: the micro-batch comparison on real photographs, offline.
+
+    The CIFAR-10 subset bundled with the repository (5,000 training and 1,000 test photographs,
+    ``datasets/cifar10-subset``), a pre-activation ResNet-20 at width 8, SGD batch 64 with the
+    short recipe; statistics over the whole batch (BN) or over micro-batches of 2: BN, GroupNorm
+    (4 groups), Batch Renorm, BKN (p = 0.9). Batch Renorm's warm-up is scaled to the run (a tenth
+    of the steps, then a ramp over another fifth) instead of its defaults, meant for far longer
+    runs. ``dataset="cifar10"`` (with ``data_dir``/``download`` in ``common``) runs the same
+    comparison on the full data set.
+    """
+    from .data import load_dataset  # noqa: F401  (fail early without the train extra)
+    from .train import TrainConfig
+
+    base = dict(DEMO)
+    base["dataset"] = dataset or base["dataset"]
+    base["epochs"] = epochs or base["epochs"]
+    base.update(common)
+    train_size = {"cifar10_subset": 5000, "digits": 1437}.get(base["dataset"], 50000)
+    if base.get("limit_train"):
+        train_size = min(train_size, base["limit_train"])
+    steps = train_size // base["batch_size"] * base["epochs"]
     configs = []
     for seed in seeds:
-        for m in methods:
+        for m in demo_methods(steps):
             slug = m["label"].replace(" ", "").replace(",", "_").replace("(", "").replace(")", "")
             configs.append(TrainConfig(**base, **m, seed=seed,
                                        run_dir=os.path.join(out, f"{slug}-seed{seed}")))
     return configs
 
 
+def micro_batch_gap(rows: Sequence[Dict[str, Any]]) -> str:
+    """One honest paragraph from :func:`kalmannorm.report.summarize` rows: the gap between BN
+    with full-batch statistics and BN at micro-batch 2, and how much of it BKN recovers."""
+    by_label = {r["label"]: r for r in rows}
+    full, m2, bkn = (by_label.get(k) for k in (DEMO_BN_FULL, DEMO_BN_M2, DEMO_BKN))
+    if not (full and m2 and bkn) or None in (full["test_error_mean"], m2["test_error_mean"],
+                                             bkn["test_error_mean"]):
+        return "micro-batch gap: not all of BN (full batch), BN (m=2) and BKN have results"
+
+    def pct(r):
+        spread = "" if r["test_error_std"] is None else f" ± {100 * r['test_error_std']:.1f}"
+        return f"{100 * r['test_error_mean']:.1f}%{spread}"
+
+    gap = m2["test_error_mean"] - full["test_error_mean"]
+    text = (f"Micro-batch gap: BN with full-batch statistics {pct(full)}, BN at micro-batch 2 "
+            f"{pct(m2)} test error ({100 * gap:+.1f} points, n = {m2['seeds']} seed(s)). ")
+    gained = m2["test_error_mean"] - bkn["test_error_mean"]
+    if gap <= 0:
+        return text + (f"BKN {pct(bkn)}. There is no gap to recover in this run; more epochs or "
+                       "seeds would be needed to show one.")
+    if gained <= 0:
+        return text + (f"BKN {pct(bkn)}: it does NOT recover any of the gap here "
+                       f"({100 * -gained:.1f} points worse than BN at micro-batch 2).")
+    return text + (f"BKN {pct(bkn)} recovers {100 * gained / gap:.0f}% of the gap "
+                   f"({100 * gained:.1f} of {100 * gap:.1f} points).")
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
-    demo = inspect.signature(demo_configs).parameters
-    p.add_argument("--epochs", type=int, default=demo["epochs"].default,
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"],
                    help="epochs per run (default %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(demo["seeds"].default),
-                   help="seeds (default %(default)s)")
-    p.add_argument("--out", default=demo["out"].default, help="directory (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default %(default)s)")
+    p.add_argument("--dataset", default=DEMO["dataset"], choices=["cifar10_subset", "cifar10", "digits"],
+                   help="cifar10_subset (bundled, offline; default), cifar10 (full, with "
+                   "--data-dir/--download) or digits (8x8, offline)")
+    p.add_argument("--data-dir", help="data directory for --dataset cifar10")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="directory (default %(default)s)")
     p.add_argument("--device", default=_field_default(TrainConfig, "device"), help="(default %(default)s)")
     p.add_argument("--threads", type=int)
     p.add_argument("--fresh", action="store_true", help="start the runs again instead of resuming them")
@@ -245,17 +299,24 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_main(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import collect_records, summarize, write_report
     from .train import train
 
-    configs = demo_configs(args.epochs, args.seeds, args.out, device=args.device, threads=args.threads,
-                           progress=not args.quiet, resume=not args.fresh, overwrite=args.fresh)
-    log.info("demo: %d runs on the digits data into %s", len(configs), args.out)
+    configs = demo_configs(args.epochs, args.seeds, args.out, dataset=args.dataset,
+                           data_dir=args.data_dir, download=args.download, device=args.device,
+                           threads=args.threads, progress=not args.quiet, resume=not args.fresh,
+                           overwrite=args.fresh)
+    log.info("demo: %d runs on %s into %s", len(configs), args.dataset, args.out)
     for config in configs:
         train(config)
-    result = write_report([c.run_dir for c in configs], args.out,
-                          f"Micro-batch comparison on digits ({args.epochs} epochs)")
+    dirs = [c.run_dir for c in configs]
+    result = write_report(dirs, args.out, f"Micro-batch comparison on {args.dataset} "
+                                          f"({args.epochs} epochs)")
+    gap = micro_batch_gap(summarize(collect_records(dirs)))
+    with open(result["report"], "a") as f:
+        f.write(f"\n{gap}\n")
     print(result["markdown"])
+    print(gap)
     print(f"report: {result['report']}\nplot: {result['plot']}")
     return 0
 
@@ -266,8 +327,9 @@ COMMANDS: List[Command] = [
             add_train_arguments, train_main, requires=("numpy",)),
     Command("report", "markdown table and test-error plot from run records", add_report_arguments,
             report_main, requires=("matplotlib",)),
-    Command("demo", "micro-batch comparison on the offline digits data (a few CPU minutes)",
-            add_demo_arguments, demo_main, requires=("numpy", "sklearn", "matplotlib")),
+    Command("demo", "micro-batch comparison on bundled real photographs (CIFAR-10 subset, about "
+            "5 CPU minutes)", add_demo_arguments, demo_main,
+            requires=("numpy", "PIL", "matplotlib")),
     Command("bench", "speed benchmarks of the norm layers (from a source checkout; same as "
             "`python -m benchmarks` at its root)", module="benchmarks.cli", in_checkout=True),
 ]

@@ -9,7 +9,10 @@ and the same code runs on CPU and GPU. Three sources:
   optionally downloaded from the official archive.
 * ``folder``: one sub-folder per class of image files (read with PIL), either split into
   ``train/`` and ``test/`` (or ``val/``) folders or split here with a fixed seed.
-* ``digits``: scikit-learn's bundled 8x8 grey-level digits, the offline default.
+* ``cifar10_subset``: 500 training and 100 test photographs per CIFAR-10 class, bundled with
+  the repository (``datasets/cifar10-subset``, JPEG bytes in an ``.npz``), the offline default
+  of ``kalmannorm demo``.
+* ``digits``: scikit-learn's bundled 8x8 grey-level digits, offline.
 
 CIFAR follows the released BKN code (``docs/method.md`` section 6; tensorpack's cifar example):
 4-pixel zero padding of the raw image + random 32x32 crop + horizontal flip, then per-pixel mean
@@ -48,6 +51,7 @@ __all__ = [
     "load_cifar",
     "load_image_folder",
     "load_digits",
+    "load_cifar10_subset",
     "write_cifar_batch",
 ]
 
@@ -488,22 +492,85 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     )
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
+_SUBSET_FILE = os.path.join("datasets", "cifar10-subset", "cifar10_subset.npz")
+
+
+def _find_subset() -> Optional[str]:
+    """The bundled subset in the source checkout this package runs from, if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for _ in range(5):
+        candidate = os.path.join(here, _SUBSET_FILE)
+        if os.path.isfile(candidate):
+            return candidate
+        here = os.path.dirname(here)
+    return None
+
+
+def load_cifar10_subset(path: Optional[str] = None) -> ImageData:
+    """The CIFAR-10 subset bundled with the repository: 5,000 training and 1,000 test photographs.
+
+    The first 500 training and 100 test images of each class of a JPEG copy of CIFAR-10, stored
+    as the JPEG files' bytes (``datasets/cifar10-subset/README.md`` gives the provenance and the
+    script that regenerates it); decoded with Pillow and normalized as :func:`load_cifar`.
+
+    Args:
+        path: the ``.npz`` file, or a directory holding ``cifar10_subset.npz``; default: the
+            copy in the source checkout.
+    """
+    if path is not None and os.path.isdir(path):
+        path = os.path.join(path, os.path.basename(_SUBSET_FILE))
+    path = path or _find_subset()
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"the bundled CIFAR-10 subset was not found ({path or _SUBSET_FILE}); it ships with "
+            "the source repository (datasets/cifar10-subset); pass its path as data_dir "
+            "(--data-dir), or train on the full data with --dataset cifar10 --download"
+        )
+    import io
+
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with np.load(path) as z:
+        classes = [str(c) for c in z["classes"]]
+        splits = {}
+        for split in ("train", "test"):
+            data, offsets = z[f"{split}_jpeg"], z[f"{split}_offsets"]
+            images = np.stack([
+                np.asarray(Image.open(io.BytesIO(data[a:b].tobytes())).convert("RGB"))
+                for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+            ])  # [N, 32, 32, 3]
+            splits[split] = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+                             torch.from_numpy(z[f"{split}_labels"].astype(np.int64)))
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    return ImageData(
+        name="cifar10_subset", train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+        classes=classes, mean=train_x.float().mean(0), scale=torch.tensor(128.0), pad=4, flip=True,
+        info=dict(file=os.path.basename(path), sha256=digest),
+    )
+
+
+DATASETS = ("digits", "cifar10_subset", "cifar10", "cifar100", "folder")
 DEFAULT_DATA_DIR = "data"  # where the CIFAR loaders look without a data directory
 # packages of the train extra each dataset's loader imports
 DATASET_REQUIRES = {"digits": ("numpy", "sklearn"), "cifar10": ("numpy",), "cifar100": ("numpy",),
-                    "folder": ("numpy", "PIL")}
+                    "folder": ("numpy", "PIL"), "cifar10_subset": ("numpy", "PIL")}
 
 
 def load_dataset(
     name: str, root: Optional[str] = None, *, download: bool = False, image_size: Optional[int] = None,
 ) -> ImageData:
-    """Load a dataset by name: ``digits`` (offline), ``cifar10``, ``cifar100`` or ``folder``.
+    """Load a dataset by name: ``digits``, ``cifar10_subset`` (both offline), ``cifar10``,
+    ``cifar100`` or ``folder``.
 
-    ``root`` is the data directory (default ``data`` for CIFAR; required for ``folder``).
+    ``root`` is the data directory (default ``data`` for CIFAR; required for ``folder``; for
+    ``cifar10_subset`` the ``.npz`` file or its directory, default the bundled copy).
     """
     if name == "digits":
         return load_digits()
+    if name == "cifar10_subset":
+        return load_cifar10_subset(root)
     if name in ("cifar10", "cifar100"):
         return load_cifar(root or DEFAULT_DATA_DIR, 10 if name == "cifar10" else 100, download=download)
     if name == "folder":
