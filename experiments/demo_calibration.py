@@ -36,8 +36,6 @@ def run(seeds, epochs, threads) -> None:
     from kalmannorm.train import train
 
     torch.set_num_threads(threads)
-    costs_path = os.path.join(OUT, "cpu_seconds.json")
-    costs = json.load(open(costs_path)) if os.path.exists(costs_path) else {}
     for config in demo_configs(epochs, seeds, os.path.join(OUT, "runs"), threads=threads,
                                progress=False, resume=True):
         key = os.path.relpath(config.run_dir, ROOT)
@@ -46,11 +44,20 @@ def run(seeds, epochs, threads) -> None:
             continue
         cpu, wall = _cpu(), time.time()
         train(config)
-        costs[key] = {"cpu_s": _cpu() - cpu, "wall_s": time.time() - wall, "threads": threads}
-        with open(costs_path + ".tmp", "w") as f:
-            json.dump(costs, f, indent=1, sort_keys=True)
-        os.replace(costs_path + ".tmp", costs_path)
-        print(f"{key}: {costs[key]}", flush=True)
+        cost = {"cpu_s": _cpu() - cpu, "wall_s": time.time() - wall, "threads": threads}
+        with open(os.path.join(config.run_dir, "cpu_seconds.json"), "w") as f:
+            json.dump(cost, f, indent=1, sort_keys=True)
+        print(f"{key}: {cost}", flush=True)
+
+
+def _costs() -> dict:
+    """CPU cost per run directory (one small file per run; parallel runs never share one)."""
+    import glob
+
+    costs = {}
+    for path in glob.glob(os.path.join(OUT, "runs", "*", "cpu_seconds.json")):
+        costs[os.path.relpath(os.path.dirname(path), ROOT)] = json.load(open(path))
+    return costs
 
 
 def write() -> str:
@@ -64,7 +71,7 @@ def write() -> str:
     rows = summarize(records)
     plot = plot_test_error(records, os.path.join(OUT, "test_error.png"),
                            "Demo calibration: CIFAR-10 subset, micro-batch 2")
-    costs = json.load(open(os.path.join(OUT, "cpu_seconds.json")))
+    costs = _costs()
     cpu = sum(c["cpu_s"] for c in costs.values())
     seeds = sorted({r["seed"] for r in records})
     per_seed = cpu / max(len(seeds), 1)

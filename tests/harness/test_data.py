@@ -162,7 +162,7 @@ def test_epoch_batches_drop_last_and_shard():
 def test_subset_and_unknown_dataset():
     ds = load_digits().subset(100, 50, seed=3)
     assert ds.train_x.shape[0] == 100 and ds.test_x.shape[0] == 50
-    with pytest.raises(ValueError, match="digits, cifar10, cifar100, folder"):
+    with pytest.raises(ValueError, match="digits, cifar10_subset, cifar10, cifar100, folder"):
         load_dataset("mnist")
 
 
