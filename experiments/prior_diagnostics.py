@@ -44,9 +44,10 @@ for _arch, _data, _batch, _size in (("preact_resnet20", "digits", 64, None),
                                     ("preact_resnet20", "cifar_subset", 32, None),
                                     ("mobilenet_v2_w050", "cifar_subset", 32, 64),
                                     ("efficientnet_b0", "cifar_subset", 16, 64)):
-    for _tag, _opts, _pred in (("released", {}, {}),
+    for _tag, _opts, _pred in (("released", {"propagate": "raw"}, {}),
                                ("normalized", {"propagate": "normalized"}, {}),
-                               ("released-auto_rows", {}, {"rows_per_group": "auto"}),
+                               ("released-auto_rows", {"propagate": "raw"},
+                                {"rows_per_group": "auto"}),
                                ("normalized-auto_rows", {"propagate": "normalized"},
                                 {"rows_per_group": "auto"}),
                                ("gain0", {"gain": 0.0}, {})):

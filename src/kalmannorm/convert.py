@@ -66,7 +66,7 @@ def convert_batchnorm(
     micro_batch: Optional[int] = None,
     guard_threshold: float = 100.0,
     detach_prior: bool = False,
-    propagate: str = "raw",
+    propagate: str = "normalized",
     running_stats: str = "all",
     guard: str = "upper",
     gain_rule: str = "fixed",

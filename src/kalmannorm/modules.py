@@ -96,7 +96,7 @@ class _BatchKalmanNorm(_GroupedNorm):
         micro_batch: Optional[int] = None,
         guard_threshold: float = 100.0,
         detach_prior: bool = False,
-        propagate: str = "raw",
+        propagate: str = "normalized",
         running_stats: str = "all",
         guard: str = "upper",
         gain_rule: str = "fixed",
@@ -242,7 +242,9 @@ _DOC_OPTIONS = """
         detach_prior: stop gradients through the prior (ablation). Default: ``False``.
         propagate: what the shadow rows carry to the next layer: ``"raw"`` samples the combined
             statistics of this layer's input (the released code), ``"normalized"`` the same
-            samples after this layer's normalization and affine. Default: ``"raw"``.
+            samples after this layer's normalization and affine, on the scale the next layer
+            really sees; measured to help from the first step (``docs/results/prior/``).
+            Default: ``"normalized"``.
         running_stats: ``"all"`` averages the combined statistics of all groups into the running
             buffers; ``"group0"`` uses group 0 only (the released code). Default: ``"all"``.
         guard: ``"upper"`` rejects the prior when it over-estimates the variance (the released

@@ -117,8 +117,9 @@ class _Pipe(nn.Module):
 
     def __init__(self, op, channels, out_channels, *, two=False, flat=False):
         super().__init__()
-        self.n1 = BatchKalmanNorm2d(channels, micro_batch=2)
-        self.n1b = BatchKalmanNorm2d(channels, micro_batch=2)
+        # raw propagation: the outgoing moments are the combined statistics themselves
+        self.n1 = BatchKalmanNorm2d(channels, micro_batch=2, propagate="raw")
+        self.n1b = BatchKalmanNorm2d(channels, micro_batch=2, propagate="raw")
         self.op = op
         self.two = two
         norm = BatchKalmanNorm1d if flat else BatchKalmanNorm2d

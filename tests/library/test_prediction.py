@@ -124,7 +124,8 @@ def test_shadow_rows_match_the_hand_threaded_reference(kernel):
     for m in converted.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 1.0  # running buffers = this step's combined statistics
-    model = kn.convert_batchnorm(converted, gain=0.9, micro_batch=2)
+    # the reference threads the released code's raw statistics (method.md section 4)
+    model = kn.convert_batchnorm(converted, gain=0.9, micro_batch=2, propagate="raw")
     layers = [m for m in model.modules() if isinstance(m, kn.BatchKalmanNorm2d)]
     spatial = {}
 
