@@ -193,7 +193,7 @@ def train_run(data: str, arch: str, method: str, seed: int, path: str) -> Dict[s
             "test_error": evaluate(net, xte, yte, arch), "wall_s": time.time() - start,
         })
         if norm == "bkn":
-            record["guard"] = kn.guard_counts(model)
+            record["guard"] = kn.guard_report(model)
             if isinstance(net, kn.KalmanPredictor):
                 record["rows_per_group"] = net.rows_per_group
                 record["layers_without_prior"] = net.layers_without_prior()

@@ -69,7 +69,7 @@ def convert_batchnorm(
     propagate: str = "normalized",
     running_stats: str = "all",
     guard: str = "upper",
-    gain_rule: str = "fixed",
+    gain_rule: str = "kalman",
     gain_warmup: int = 0,
     rows_per_group: Union[int, str, None] = None,
     min_prior_values: int = 16,

@@ -99,7 +99,7 @@ class _BatchKalmanNorm(_GroupedNorm):
         propagate: str = "normalized",
         running_stats: str = "all",
         guard: str = "upper",
-        gain_rule: str = "fixed",
+        gain_rule: str = "kalman",
         gain_warmup: int = 0,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
