@@ -230,7 +230,7 @@ def test_bad_options_raise(kwargs, match):
 def test_extra_repr_lists_options():
     text = repr(kn.BatchKalmanNorm2d(4, gain=0.5, micro_batch=2))
     assert "gain=0.5" in text and "micro_batch=2" in text and "propagate='normalized'" in text
-    assert "guard='upper'" in text and "gain_rule='fixed'" in text and "gain_warmup=0" in text
+    assert "guard='upper'" in text and "gain_rule='kalman'" in text and "gain_warmup=0" in text
 
 
 def test_reset_running_stats_and_parameters():

@@ -125,7 +125,8 @@ def test_shadow_rows_match_the_hand_threaded_reference(kernel):
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 1.0  # running buffers = this step's combined statistics
     # the reference threads the released code's raw statistics (method.md section 4)
-    model = kn.convert_batchnorm(converted, gain=0.9, micro_batch=2, propagate="raw")
+    model = kn.convert_batchnorm(converted, gain=0.9, micro_batch=2, propagate="raw",
+                                 gain_rule="fixed")
     layers = [m for m in model.modules() if isinstance(m, kn.BatchKalmanNorm2d)]
     spatial = {}
 
@@ -196,12 +197,13 @@ def test_eval_adds_nothing_and_equals_deployed_batchnorm():
 
 def test_propagate_normalized_carries_the_output_distribution(kernel):
     for propagate in ("raw", "normalized"):
-        first = kn.BatchKalmanNorm2d(2, micro_batch=4, propagate=propagate)
+        first = kn.BatchKalmanNorm2d(2, micro_batch=4, propagate=propagate, gain_rule="fixed")
         with torch.no_grad():
             first.weight.copy_(torch.tensor([2.0, 0.5]))
             first.bias.copy_(torch.tensor([1.0, -3.0]))
         # gain 1 and momentum 1: the second layer's running buffers are its prior
-        second = kn.BatchKalmanNorm2d(2, micro_batch=4, gain=1.0, momentum=1.0)
+        second = kn.BatchKalmanNorm2d(2, micro_batch=4, gain=1.0, momentum=1.0,
+                                      gain_rule="fixed")
         model = kn.KalmanPredictor(nn.Sequential(first, second))
         x = torch.randn(8, 2, 64, 64) * torch.tensor([3.0, 0.2])[:, None, None] + 5
         model(x)
