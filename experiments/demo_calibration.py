@@ -66,8 +66,12 @@ def write() -> str:
     from kalmannorm.cli import DEMO, micro_batch_gap
     from kalmannorm.report import collect_records, markdown_table, plot_test_error, summarize
 
+    from kalmannorm.cli import demo_methods
+
+    order = [m["label"] for m in demo_methods(1)]
     dirs = sorted(glob.glob(os.path.join(OUT, "runs", "*")))
     records = [r for r in collect_records(dirs) if r["complete"]]
+    records.sort(key=lambda r: (order.index(r["label"]) if r["label"] in order else 99, r["seed"]))
     rows = summarize(records)
     plot = plot_test_error(records, os.path.join(OUT, "test_error.png"),
                            "Demo calibration: CIFAR-10 subset, micro-batch 2")
@@ -91,9 +95,16 @@ are far above full-CIFAR numbers and not comparable with published ones.
 
 ![test error](test_error.png)
 
-Cost: {cpu:.0f} CPU seconds for all runs, {per_seed:.0f} per seed (the demo runs one seed;
-process CPU time, measured while other jobs shared the machine, so wall time on an idle
-2-core machine is about this or less with 2 threads).
+Cost: {cpu:.0f} CPU seconds for all runs, {per_seed:.0f} per seed (the demo runs one seed).
+Process CPU time on one thread, measured while other jobs shared the machine (their wall times
+here are several times longer and mean nothing); on an idle 2-core machine the demo's wall time
+is this CPU time divided by the speed-up of 2 threads on these small convolutions, not
+measured here. BKN with the default `gain_rule="kalman"` runs on the composite backend, its
+most expensive run.
+
+Only this configuration was measured (the CPU budget of the session allowed no sweep over
+width, subset size or epochs); it was chosen so that BatchNorm with full-batch statistics costs
+about a minute of CPU. If a seed is missing for one method, its row compares unequal seed sets.
 """
     path = os.path.join(OUT, "README.md")
     with open(path, "w") as f:

@@ -118,7 +118,7 @@ def test_fused_kernel_refuses_options_it_does_not_implement():
 
 def test_gain_warmup_ramps_the_gain_from_zero():
     torch.manual_seed(0)
-    layer = kn.BatchKalmanNorm2d(3, micro_batch=2, gain=0.8, gain_warmup=4)
+    layer = kn.BatchKalmanNorm2d(3, micro_batch=2, gain=0.8, gain_warmup=4, gain_rule="fixed")
     x = torch.randn(4, 3, 5, 5)
     prior = (torch.randn(2, 3), torch.rand(2, 3) + 0.5)
     for step in range(6):

@@ -95,8 +95,9 @@ class _Net(nn.Module):
 
     def __init__(self, channels=5, **options):
         super().__init__()
-        # the Triton kernels implement the released update (gain_rule="fixed")
-        options = {"gain_rule": "fixed", **options}
+        # the Triton kernels implement the released update (gain_rule="fixed"); the cases were
+        # written when raw propagation was the default
+        options = {"gain_rule": "fixed", "propagate": "raw", **options}
         bkn = lambda: kn.BatchKalmanNorm2d(channels, micro_batch=2, **options)  # noqa: E731
         self.n1, self.n2, self.n3 = bkn(), bkn(), bkn()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
