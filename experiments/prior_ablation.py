@@ -45,18 +45,20 @@ ARCHS = {
     "mobilenet_v2_w050": dict(image_size=48),  # last maps 2x2
 }
 # label: (norm, BKN options, predictor options). Released = raw propagation, fixed gain 0.9,
-# the one-sided guard at 100.
+# the one-sided guard at 100. Every option is spelled out: the library defaults changed while
+# these runs were made (records without gain_rule ran with the then-default "fixed").
 METHODS = {
-    "released": ("bkn", dict(gain=0.9, propagate="raw"), {}),
-    "normalized": ("bkn", dict(gain=0.9, propagate="normalized"), {}),
+    "released": ("bkn", dict(gain=0.9, propagate="raw", gain_rule="fixed"), {}),
+    "normalized": ("bkn", dict(gain=0.9, propagate="normalized", gain_rule="fixed"), {}),
     "kalman_gain": ("bkn", dict(gain=0.9, propagate="raw", gain_rule="kalman"), {}),
     "normalized_kalman": ("bkn", dict(gain=0.9, propagate="normalized", gain_rule="kalman"), {}),
     "bn_m2": ("bkn", dict(gain=0.0), {}),
     "bn_full": ("batchnorm", {}, {}),
-    "two_sided": ("bkn", dict(gain=0.9, propagate="raw", guard="two_sided",
+    "two_sided": ("bkn", dict(gain=0.9, propagate="raw", gain_rule="fixed", guard="two_sided",
                               guard_threshold=10.0), {}),
-    "warmup": ("bkn", dict(gain=0.9, propagate="raw", gain_warmup=-1), {}),  # -1: one epoch
-    "normalized_auto_rows": ("bkn", dict(gain=0.9, propagate="normalized"),
+    "warmup": ("bkn", dict(gain=0.9, propagate="raw", gain_rule="fixed", gain_warmup=-1),
+               {}),  # -1: one epoch
+    "normalized_auto_rows": ("bkn", dict(gain=0.9, propagate="normalized", gain_rule="fixed"),
                              dict(rows_per_group="auto")),
 }
 SEEDS = (0, 1)

@@ -528,8 +528,8 @@ def load_cifar10_subset(path: Optional[str] = None) -> ImageData:
         )
     import io
 
-    from PIL import Image
-
+    Image = require("PIL.Image", "the bundled CIFAR-10 subset")
+    np = require("numpy", "the bundled CIFAR-10 subset")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     with np.load(path) as z:

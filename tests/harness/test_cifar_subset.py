@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from kalmannorm.cli import DEMO_BKN, DEMO_BN_FULL, DEMO_BN_M2, demo_configs, micro_batch_gap  # noqa: E402
-from kalmannorm.data import load_cifar10_subset, load_dataset  # noqa: E402
+from kalmannorm.harness.cli import DEMO_BKN, DEMO_BN_FULL, DEMO_BN_M2, demo_configs, micro_batch_gap  # noqa: E402
+from kalmannorm.harness.data import load_cifar10_subset, load_dataset  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAKER = os.path.join(ROOT, "datasets", "cifar10-subset", "make_subset.py")
 
 
