@@ -1,6 +1,6 @@
 """Device check of the Triton backend (docs/gpu.md section 9), one prepared run on a CUDA machine.
 
-    python benchmarks/gpu_check.py --out docs/perf/gpu-check.json [--budget 420]
+    python benchmarks/gpu_check.py --out RECORD.json [--budget 420]   # committed as docs/perf/gpu-check-*
 
 Sections, each written into the JSON record as soon as it finishes (a cut run keeps what it did):
 
@@ -378,7 +378,7 @@ def compile_check() -> Dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/perf/gpu-check.json")
+    parser.add_argument("--out", required=True, help="where to write the JSON record")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for all sections")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip")
     parser.add_argument("--cpu-smoke", action="store_true",

@@ -12,7 +12,7 @@ torchvision wheel's C++ ops do not load, ``register_nms`` defines a pure-torch `
 
     python experiments/analytic_acceptance.py --label after          # all models -> record
     python experiments/analytic_acceptance.py --only resnet18 --label x --no-write
-    python experiments/analytic_acceptance.py --render docs/records/analytic-acceptance-*.json
+    python experiments/analytic_acceptance.py --render docs/records/analytic-acceptance-before.json docs/records/analytic-acceptance-after.json
 
 The record stores the configuration, the git commit, the versions and per model: accepted,
 the refusal (op and message), the step's outcome, the moment rules used and the time.

@@ -1,9 +1,9 @@
 """The Triton backend equals the composite form: outputs, every gradient, running buffers and guard
 counters, for the prior supplied, taken from shadow rows, rejected or absent; NCHW, channels-last
-and ``[N, C]``; float32 and bfloat16.
+and rows of one position (which stay on the composite form); float32 and bfloat16.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
-set by ``tests/conftest.py`` before kalmannorm is imported); shapes are tiny and odd so that every
+set by the root ``conftest.py`` before kalmannorm is imported); shapes are tiny and odd so that every
 mask is exercised. On a CUDA machine the same tests run the compiled kernels on the GPU.
 """
 import os
