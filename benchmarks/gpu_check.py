@@ -1,6 +1,6 @@
 """Device check of the Triton backend (docs/gpu.md section 9), one prepared run on a CUDA machine.
 
-    python benchmarks/gpu_check.py --out RECORD.json [--budget 420]   # committed as docs/perf/gpu-check-*
+    python benchmarks/gpu_check.py --out RECORD.json [--budget 420]   # committed under docs/perf/
 
 Sections, each written into the JSON record as soon as it finishes (a cut run keeps what it did):
 
