@@ -105,15 +105,26 @@ def test_kalman_gain_is_a_decision_gradients_are_those_at_the_fixed_measured_gai
         torch.testing.assert_close(a, b)
 
 
-def test_fused_kernel_refuses_options_it_does_not_implement():
-    x = torch.randn(4, 3, 2, 2)
+@pytest.mark.parametrize("options", [dict(gain_rule="kalman"), dict(guard="two_sided")])
+def test_fused_kernel_implements_the_prior_options(options):
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     prior = stats(s=2)
-    prior = (prior[0].float(), prior[1].float())
-    with pytest.raises(ValueError, match="released update only"):
-        KF.batch_kalman_norm(x, prior, None, None, groups=2, backend="cpu_fused",
-                             gain_rule="kalman")
-    # fused=None takes the composite form for them
-    KF.batch_kalman_norm(x, prior, None, None, groups=2, gain_rule="kalman")
+    results = []
+    for backend in ("cpu_fused", "composite"):
+        y, mean, var, used = KF.batch_kalman_norm(x, prior, None, None, groups=2,
+                                                  backend=backend, **options)
+        (grad,) = torch.autograd.grad((y * torch.arange(48.0).view(y.shape)).sum(), x)
+        results.append([y, mean, var, used, grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_kernel_refuses_a_tensor_gain():
+    x = torch.randn(4, 3, 2, 2)
+    options = KF.StepOptions(real_rows=4, groups=2, gain=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="'cpu_fused' backend does not implement"):
+        KF.training_step(x, None, None, options, backend="cpu_fused")
+    KF.training_step(x, None, None, options)  # "auto" takes the composite form for it
 
 
 def test_gain_warmup_ramps_the_gain_from_zero():

@@ -95,7 +95,7 @@ class _Net(nn.Module):
 
     def __init__(self, channels=5, **options):
         super().__init__()
-        # the Triton kernels implement the released update (gain_rule="fixed"); the cases were
+        # the released options unless a case names others; the cases were
         # written when raw propagation was the default
         options = {"gain_rule": "fixed", "propagate": "raw", **options}
         bkn = lambda: kn.BatchKalmanNorm2d(channels, micro_batch=2, **options)  # noqa: E731
@@ -129,6 +129,8 @@ def _model_step(backend, x, rows_per_group, steps, generator_seed=3, **options):
     dict(steps=2, momentum=None), dict(propagate="normalized"), dict(rows_per_group=2),
     dict(channels_last=True), dict(detach_prior=True, running_stats="group0"),
     dict(dtype=torch.bfloat16), dict(custom_ops=True),
+    dict(steps=2, gain_rule="kalman", propagate="normalized"),
+    dict(gain_rule="kalman", custom_ops=True, rows_per_group=2),
 ])
 def test_shadow_rows_match_composite_in_a_model(case, monkeypatch):
     """Also through the ``torch.library`` ops that ``torch.compile`` traces (``custom_ops``),
@@ -224,6 +226,24 @@ def test_kernels_compile_for_hopper(prior, dtype, flags):
     if done.returncode == 3:
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_measured_gain_matches_composite(groups):
+    """``gain_rule="kalman"``: the gain measured on the device from the stats kernel's moments,
+    the same as the composite form's, with a supplied prior (also one group: ``count``)."""
+    x = _inputs((8, 5, 3, 7), torch.float32)
+    prior = (torch.randn(groups, 5, device=DEVICE).requires_grad_(),
+             (torch.rand(groups, 5, device=DEVICE) + 0.5).requires_grad_())
+    options = KF.StepOptions(real_rows=8, groups=groups, gain=0.9, gain_rule="kalman")
+    results = {}
+    for backend in ("composite", "triton"):
+        r = KF.training_step(x, None, None, options, prior, backend=backend)
+        g = torch.linspace(-1, 1, r.y.numel(), device=DEVICE).view(r.y.shape)
+        grads = torch.autograd.grad((r.y * g).sum() + r.var.sum(), [x, *prior])
+        results[backend] = [r.y, r.mean, r.var] + list(grads)
+    for a, b in zip(results["triton"], results["composite"]):
+        _close(a, b, torch.float32)
 
 
 def test_one_position_rows_stay_on_the_composite_form():

@@ -52,10 +52,11 @@ def main(prior: int, dtype: str, flags: str) -> None:
     tile = dict(BC=4, BL=128)
     compile_for_hopper(K.stats_kernel, dtype, PRIOR=prior, HAS_PVALID=noise, **tile)
     compile_for_hopper(K.apply_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
-                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, RB=256, **tile)
+                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
+                       RB=256, **tile)
     compile_for_hopper(K.backward_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
-                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, PRIOR_GRAD=prior > 0,
-                       HAS_GMV=has_w, **tile)
+                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
+                       PRIOR_GRAD=prior > 0, HAS_GMV=has_w, **tile)
     compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, BC=64)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .composite import StepOptions, StepResult, kalman_update, safe_std, stat_dtype
 
-__all__ = ["supports", "preferred", "training_step"]
+__all__ = ["supports", "supports_options", "preferred", "training_step"]
 
 
 def first_order_only(backend: str) -> None:
@@ -44,6 +44,11 @@ def first_order_only(backend: str) -> None:
             "double backward (create_graph=True, e.g. a gradient penalty) run the forward under "
             "kalmannorm.use_backend('composite')"
         )
+
+
+def supports_options(options: StepOptions) -> bool:
+    """Every option of the composite form but a tensor gain (``gain_warmup``)."""
+    return not isinstance(options.gain, Tensor)
 
 
 def supports(x: Tensor) -> bool:
@@ -199,8 +204,11 @@ class _KalmanNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean_prior, var_prior, options: StepOptions, prior_valid,
                 generator, need_graph):
-        (real_rows, groups, gain, eps, guard_threshold, shadow_rows, shadow_prior, normalized,
-         detach_prior) = options
+        o = options
+        real_rows, groups, gain, eps, guard_threshold = (o.real_rows, o.groups, o.gain, o.eps,
+                                                         o.guard_threshold)
+        shadow_rows, shadow_prior, normalized, detach_prior = (o.shadow_rows, o.shadow_prior,
+                                                               o.normalized, o.detach_prior)
 
         sdt = stat_dtype(x.dtype)
         x = _dense(x)
@@ -236,7 +244,9 @@ class _KalmanNormFunction(torch.autograd.Function):
         mo, vo, mp, vp, w, b = leaves
         with torch.enable_grad():
             if has_prior:
-                mean, var, used = kalman_update(mo, vo, mp, vp, gain, guard_threshold, valid)
+                mean, var, used = kalman_update(mo, vo, mp, vp, gain, guard_threshold, valid,
+                                                guard=o.guard, gain_rule=o.gain_rule,
+                                                count=count)
             else:
                 mean, var = mo, vo
                 used = torch.zeros((), dtype=torch.bool, device=x.device)

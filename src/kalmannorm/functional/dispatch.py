@@ -17,7 +17,6 @@ the reason. The choice is process-wide (like ``torch.backends`` flags), not per 
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 from typing import Iterator, Optional, Tuple
@@ -43,8 +42,11 @@ _STEP = {
     "cpu_fused": cpu_fused.training_step,
     "triton": triton_ops.training_step,
 }
-_ReleasedStepOptions = collections.namedtuple(
-    "_ReleasedStepOptions", StepOptions._fields[:StepOptions._fields.index("guard")])
+_SUPPORTS_OPTIONS = {
+    "composite": lambda options: True,
+    "cpu_fused": cpu_fused.supports_options,
+    "triton": triton_ops.supports_options,
+}
 
 _chosen: dict = {"name": None}  # set_backend's choice; None: the environment's, else "auto"
 
@@ -147,19 +149,15 @@ def training_step(
                 f"(got {tuple(prior[0].shape)} and {tuple(prior[1].shape)})"
             )
     name = resolve_backend(x, backend)
-    if name != "composite" and not composite.released_update(options):
-        # The prior options beyond the released update (issue 9) live in the composite core.
+    if not _SUPPORTS_OPTIONS[name](options):
+        # Options that only the composite core implements (e.g. a warm-up's tensor gain).
         if (backend or get_backend()) != "auto":
             raise ValueError(
-                f"the {name!r} backend implements the released update only (gain_rule='fixed', "
-                "guard='upper', a float gain, no gain_warmup); use the 'composite' or 'auto' "
-                "backend for the other options"
+                f"the {name!r} backend does not implement these options (guard="
+                f"{options.guard!r}, gain_rule={options.gain_rule!r}, gain "
+                f"{type(options.gain).__name__}); use the 'composite' or 'auto' backend"
             )
         name = "composite"
-    if name == "cpu_fused":
-        # cpu_fused unpacks the released fields of StepOptions by position; the prior options
-        # (guard, gain_rule) are at their released values here.
-        options = _ReleasedStepOptions(*options[:len(_ReleasedStepOptions._fields)])
     return _STEP[name](x, weight, bias, options, prior, prior_valid, generator)
 
 

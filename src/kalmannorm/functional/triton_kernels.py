@@ -193,12 +193,16 @@ def _noise(NOISE, seed, flat, mask, NOISE_FROM_PTR: tl.constexpr):
 
 @triton.jit
 def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEANVAR, NOISE,
-                 SEED, S, C, L, m, K, real_rows, gain, eps, guard_threshold,
+                 SEED, GAIN, S, C, L, m, K, real_rows, gain, eps, guard_threshold,
                  PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                 NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr, RB: tl.constexpr,
-                 BC: tl.constexpr, BL: tl.constexpr):
+                 NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
+                 GAIN_FROM_PTR: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
+                 BL: tl.constexpr):
     """Launch 2: guard, combined statistics ``MEANVAR[0..1, s, c]``, ``y`` for the real rows,
-    ``K`` fresh samples per group into the shadow rows of ``Y``; ``FLAGS = [used, available]``."""
+    ``K`` fresh samples per group into the shadow rows of ``Y``; ``FLAGS = [used, available]``.
+    ``GAIN_FROM_PTR``: the gain is a device scalar (the measured gain), not ``gain``."""
+    if GAIN_FROM_PTR:
+        gain = tl.load(GAIN)
     s = tl.program_id(0)
     cb = tl.program_id(1)
     c = cb * BC + tl.arange(0, BC)
@@ -234,14 +238,17 @@ def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEAN
 
 @triton.jit
 def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NOISE, SEED,
-                    GMV, GPART, GPRIOR, S, C, L, m, K, real_rows, Kin, gain, eps,
+                    GAIN, GMV, GPART, GPRIOR, S, C, L, m, K, real_rows, Kin, gain, eps,
                     PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
-                    PRIOR_GRAD: tl.constexpr, HAS_GMV: tl.constexpr, BC: tl.constexpr,
-                    BL: tl.constexpr):
+                    GAIN_FROM_PTR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
+                    HAS_GMV: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr):
     """The whole backward of a slab: sums, the closed-form ``[S, C]`` chain, ``dx`` (real and
     incoming shadow rows), the prior's gradient (``GPRIOR``) and per-(s, c) dweight/dbias
-    partials (``GPART``). ``DX`` has ``X``'s strides."""
+    partials (``GPART``). ``DX`` has ``X``'s strides. The gain is a constant of the backward
+    (the measured gain carries no gradient)."""
+    if GAIN_FROM_PTR:
+        gain = tl.load(GAIN)
     s = tl.program_id(0)
     cb = tl.program_id(1)
     c = cb * BC + tl.arange(0, BC)

@@ -30,7 +30,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .composite import StepOptions, StepResult
+from .composite import StepOptions, StepResult, measured_gain
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 triton = None
@@ -43,8 +43,8 @@ if _INTERPRET or torch.cuda.is_available():  # only where a kernel can run: no i
     except ImportError:  # pragma: no cover - exercised where triton is absent
         triton = None
 
-__all__ = ["available", "supports", "supports_buffers", "training_step", "update_buffers",
-           "torch_noise"]
+__all__ = ["available", "supports", "supports_options", "supports_buffers", "training_step",
+           "update_buffers", "torch_noise"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state = {"torch_noise": False, "ops": False}
@@ -67,6 +67,13 @@ def supports(x: Tensor) -> bool:
     # comparison on an H200 (docs/gpu.md), and these layers are small.
     return (x.dtype in _DTYPES and x.dim() >= 2 and 0 < x.numel() < 2 ** 31
             and math.prod(x.shape[2:]) > 1)
+
+
+def supports_options(options: StepOptions) -> bool:
+    """The released update and the measured gain (``gain_rule="kalman"``) with a float gain and
+    the released (upper) guard."""
+    return options.guard == "upper" and options.gain_rule in ("fixed", "kalman") \
+        and not isinstance(options.gain, Tensor)
 
 
 @contextlib.contextmanager
@@ -128,7 +135,7 @@ def _direct(kernel):
 
 def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                   real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                  guard_threshold, launch=_direct):
+                  guard_threshold, measured, launch=_direct):
     x, sN, sC, sL = _strides(x)
     channels, length = x.shape[1], math.prod(x.shape[2:])
     m = real_rows // groups
@@ -149,15 +156,26 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
         groups, channels, length, m, kin, real_rows,
         PRIOR=prior_mode, HAS_PVALID=prior_valid is not None, BC=bc, BL=bl,
     )
+    gains = _gain_of(stats, prior_mode, gain, measured, m * length)
     launch(K.apply_kernel)[grid](
         x, y, sN, sC, sL, ySN, ySC, ySL, stats, part, flags,
         dummy if weight is None else weight, dummy if bias is None else bias, meanvar,
-        dummy if noise is None else noise, seed,
+        dummy if noise is None else noise, seed, gains,
         groups, channels, length, m, shadow_rows, real_rows, gain, eps, guard_threshold,
         PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
-        NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None, RB=256, BC=bc, BL=bl,
+        NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None,
+        GAIN_FROM_PTR=gains.numel() > 0, RB=256, BC=bc, BL=bl,
     )
-    return y, stats, meanvar, flags
+    return y, stats, meanvar, flags, gains
+
+
+def _gain_of(stats, prior_mode, gain, measured, count):
+    """``[p]`` with ``p = min(gain, measured_gain)`` (``gain_rule="kalman"``) from the moments
+    of the stats kernel, on the device; empty for the fixed gain."""
+    if not measured or prior_mode == K.NO_PRIOR:
+        return stats.new_empty(0)
+    return torch.clamp(measured_gain(stats[0], stats[1], stats[2], stats[3], count),
+                       max=gain).reshape(1)
 
 
 def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
@@ -169,7 +187,7 @@ def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
                        memory_format=fmt)
 
 
-def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar,
+def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, grad_meanvar,
                    real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
                    prior_grad, launch=_direct):
     x, sN, sC, sL = _strides(x)
@@ -187,12 +205,13 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_mean
     launch(K.backward_kernel)[grid](
         x, grad_y, dx, sN, sC, sL, gSN, gSC, gSL, stats, flags,
         dummy if weight is None else weight, dummy if bias is None else bias,
-        dummy if noise is None else noise, seed,
+        dummy if noise is None else noise, seed, gains,
         dummy if grad_meanvar is None else grad_meanvar, gpart,
         gprior if gprior.numel() else dummy,
         groups, channels, length, m, shadow_rows, real_rows, kin, gain, eps,
         PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
-        NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None, PRIOR_GRAD=prior_grad,
+        NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None,
+        GAIN_FROM_PTR=gains.numel() > 0, PRIOR_GRAD=prior_grad,
         HAS_GMV=grad_meanvar is not None, BC=bc, BL=bl,
     )
     return dx, gpart.sum(dim=1), gprior
@@ -208,12 +227,13 @@ def _buffers_impl(running_mean, running_var, num_batches_tracked, guard_counters
     )
 
 
-def _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, config):
-    ctx.save_for_backward(x, stats, flags, weight, bias, seed, noise)
+def _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, gains,
+          config):
+    ctx.save_for_backward(x, stats, flags, weight, bias, seed, noise, gains)
     ctx.config = config
     ctx.prior_dtypes = (None if mean_prior is None else mean_prior.dtype,
                         None if var_prior is None else var_prior.dtype)
-    ctx.mark_non_differentiable(stats, flags)
+    ctx.mark_non_differentiable(stats, flags, gains)
 
 
 def _backward_common(ctx, grad_y, grad_meanvar, backward):
@@ -222,7 +242,7 @@ def _backward_common(ctx, grad_y, grad_meanvar, backward):
     from .cpu_fused import first_order_only
 
     first_order_only("triton")
-    x, stats, flags, weight, bias, seed, noise = ctx.saved_tensors
+    x, stats, flags, weight, bias, seed, noise, gains = ctx.saved_tensors
     real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad = ctx.config
     prior_grad = prior_grad and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (
         prior_mode == K.SHADOW_PRIOR and ctx.needs_input_grad[0]))
@@ -232,14 +252,14 @@ def _backward_common(ctx, grad_y, grad_meanvar, backward):
     if grad_meanvar is not None:
         grad_meanvar = grad_meanvar.contiguous()
     dx, gwb, gprior = backward(
-        grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar, real_rows,
+        grad_y, x, stats, flags, weight, bias, seed, noise, gains, grad_meanvar, real_rows,
         groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad)
     grad_w = None if weight is None else gwb[0].to(weight.dtype)
     grad_b = None if bias is None else gwb[1].to(bias.dtype)
     grad_mp = grad_vp = None
     if prior_mode == K.GIVEN_PRIOR and prior_grad:
         grad_mp, grad_vp = gprior[0].to(ctx.prior_dtypes[0]), gprior[1].to(ctx.prior_dtypes[1])
-    return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 12
+    return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 13
 
 
 class _EagerStep(torch.autograd.Function):
@@ -249,16 +269,16 @@ class _EagerStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                 real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                guard_threshold, prior_grad):
-        y, stats, meanvar, flags = _forward_impl(
+                guard_threshold, prior_grad, measured):
+        y, stats, meanvar, flags, gains = _forward_impl(
             x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise, real_rows,
-            groups, shadow_rows, prior_mode, normalized, gain, eps, guard_threshold)
-        _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags,
+            groups, shadow_rows, prior_mode, normalized, gain, eps, guard_threshold, measured)
+        _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, gains,
               (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad))
-        return y, stats, meanvar, flags
+        return y, stats, meanvar, flags, gains
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags):
+    def backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags, _grad_gains):
         return _backward_common(ctx, grad_y, grad_meanvar, _backward_impl)
 
 
@@ -270,24 +290,25 @@ if triton is not None:
         mean_prior: Optional[Tensor], var_prior: Optional[Tensor],
         prior_valid: Optional[Tensor], seed: Tensor, noise: Optional[Tensor],
         real_rows: int, groups: int, shadow_rows: int, prior_mode: int, normalized: bool,
-        gain: float, eps: float, guard_threshold: float, prior_grad: bool,
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(y, stats [4, S, C], meanvar [2, S, C], flags [used, available])``."""
+        gain: float, eps: float, guard_threshold: float, prior_grad: bool, measured: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(y, stats [4, S, C], meanvar [2, S, C], flags [used, available], gain [1] or
+        empty)``."""
         return _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                              real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                             guard_threshold, wrap_triton)
+                             guard_threshold, measured, wrap_triton)
 
     @triton_op("kalmannorm::bkn_backward", mutates_args=())
     def bkn_backward(
         grad_y: Tensor, x: Tensor, stats: Tensor, flags: Tensor, weight: Optional[Tensor],
-        bias: Optional[Tensor], seed: Tensor, noise: Optional[Tensor],
+        bias: Optional[Tensor], seed: Tensor, noise: Optional[Tensor], gains: Tensor,
         grad_meanvar: Optional[Tensor], real_rows: int, groups: int, shadow_rows: int,
         prior_mode: int, normalized: bool, gain: float, eps: float, prior_grad: bool,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """``(dx, [dweight; dbias] [2, C], dprior [2, S, C] or empty)``."""
-        return _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, grad_meanvar,
-                              real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                              prior_grad, wrap_triton)
+        return _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains,
+                              grad_meanvar, real_rows, groups, shadow_rows, prior_mode,
+                              normalized, gain, eps, prior_grad, wrap_triton)
 
     @triton_op("kalmannorm::bkn_update_buffers",
                mutates_args={"running_mean", "running_var", "num_batches_tracked",
@@ -303,12 +324,12 @@ if triton is not None:
 
     def _setup_context(ctx, inputs, output) -> None:
         (x, weight, bias, mean_prior, var_prior, _, seed, noise, real_rows, groups,
-         shadow_rows, prior_mode, normalized, gain, eps, _, prior_grad) = inputs
-        _, stats, _, flags = output
-        _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags,
+         shadow_rows, prior_mode, normalized, gain, eps, _, prior_grad, _) = inputs
+        _, stats, _, flags, gains = output
+        _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, gains,
               (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad))
 
-    def _backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags):
+    def _backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags, _grad_gains):
         return _backward_common(ctx, grad_y, grad_meanvar, bkn_backward)
 
     bkn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -345,10 +366,10 @@ def training_step(
         mean_prior, var_prior = mean_prior.contiguous(), var_prior.contiguous()
     valid = None if prior_valid is None else prior_valid.reshape(1)
     step = bkn_forward if _use_ops() else _EagerStep.apply
-    y, _, meanvar, flags = step(
+    y, _, meanvar, flags, _ = step(
         x, weight, bias, mean_prior, var_prior, valid, seed, noise, o.real_rows, groups,
         o.shadow_rows, prior_mode, o.normalized, float(o.gain), float(o.eps),
-        float(o.guard_threshold), not o.detach_prior)
+        float(o.guard_threshold), not o.detach_prior, o.gain_rule == "kalman")
     return StepResult(y, meanvar[0], meanvar[1], flags[0], flags[1])
 
 
