@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# torchvision's release for the torch pin (tests/zoo, experiments/model_zoo.py)
+TORCHVISION_PIN ?= torchvision==0.28.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench zoo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TORCHVISION_PIN)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -24,6 +26,9 @@ demo: install
 
 bench: install
 	$(PY) -m kalmannorm bench
+
+zoo: install
+	$(PY) experiments/model_zoo.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

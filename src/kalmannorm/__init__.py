@@ -11,20 +11,22 @@ from . import functional
 from .analytic import AnalyticKalmanPredictor
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional.dispatch import get_backend, set_backend, use_backend
-from .convert import convert_batchnorm, to_batchnorm
-from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, convert_batchnorm,
+                      norm_then, register_converter, to_batchnorm)
+from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchKalmanNormNd
 from .norms import GroupNorm, InstanceNorm, LayerNorm, get_norm_layer, norm_names, register_norm
 from .prediction import KalmanPredictor, ShadowBatch, guard_counts, has_kalman_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d",
+    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "BatchKalmanNormNd",
+    "BatchKalmanNormAct2d", "BatchKalmanNormActNd",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GroupNorm", "InstanceNorm", "LayerNorm",
     "KalmanPredictor", "ShadowBatch",
     "AnalyticKalmanPredictor",
-    "convert_batchnorm", "to_batchnorm",
+    "convert_batchnorm", "to_batchnorm", "register_converter", "norm_then",
     "get_norm_layer", "norm_names", "register_norm",
     "guard_counts", "has_kalman_layers",
     "functional",

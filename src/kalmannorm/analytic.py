@@ -61,7 +61,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .functional import safe_std
 from .modules import _BatchKalmanNorm
-from .prediction import KalmanPredictor
+from .prediction import BatchInput, KalmanPredictor
 
 __all__ = [
     "AnalyticKalmanPredictor",
@@ -722,6 +722,21 @@ def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.Gra
     return fx.GraphModule(tracer.root, graph, class_name=type(module).__name__ + "Analytic")
 
 
+def _check_no_hidden_layers(node: fx.Node, gm: fx.GraphModule) -> None:
+    """Refuse a norm layer that runs child modules after normalizing (timm's BatchNormAct2d):
+    they are inside the traced leaf, where no moment rule can follow them."""
+    hidden = [f"{name} ({type(m).__name__})"
+              for name, m in gm.get_submodule(node.target).named_children()
+              if not isinstance(m, nn.Identity)]
+    if hidden:
+        raise NotImplementedError(
+            f"the analytic prediction cannot follow the layers that {node.target!r} runs "
+            f"after normalizing: {', '.join(hidden)}; use the sampled prediction "
+            "(kalmannorm.KalmanPredictor, or convert_batchnorm(..., prediction='sampled')), "
+            "which runs any layer"
+        )
+
+
 def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
     """Insert the moment nodes and replace every BKN call by :func:`_kalman_step`, in place.
 
@@ -745,6 +760,7 @@ def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         if kalman(node):
+            _check_no_hidden_layers(node, gm)
             x = _arg(node, 0, "input")
             if state is None:
                 first = next(n for n in graph.nodes if n.op != "placeholder")
@@ -833,8 +849,9 @@ class AnalyticKalmanPredictor(KalmanPredictor):
     torch.Size([4, 8, 4, 4])
     """
 
-    def __init__(self, module: nn.Module, *, concrete_args: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Module, *, concrete_args: Optional[Dict[str, Any]] = None,
+                 batch_input: BatchInput = None) -> None:
+        super().__init__(module, batch_input=batch_input)
         self.concrete_args = concrete_args
         self._build()
 
@@ -861,5 +878,7 @@ class AnalyticKalmanPredictor(KalmanPredictor):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._predicting():
             return self.module(*args, **kwargs)
-        self._state.groups = self._start_pass(args, kwargs)[1]  # reset at every pass
+        rows, self._state.groups = self._start_pass(args, kwargs)  # reset at every pass
+        if rows == 0:  # an empty batch: nothing to predict
+            return self.module(*args, **kwargs)
         return self._traced(*args, **kwargs)
