@@ -862,7 +862,7 @@ class AnalyticKalmanPredictor(KalmanPredictor):
         _rewrite(gm, lambda m: isinstance(m, _BatchKalmanNorm))
         gm.recompile()
         # Not a registered submodule: it shares the model's layers, and the state dict stays
-        # the model's ("module.*", as KalmanPredictor's).
+        # the model's, as KalmanPredictor's.
         object.__setattr__(self, "_traced", gm)
         object.__setattr__(self, "_state", state)
 
