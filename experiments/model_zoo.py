@@ -95,8 +95,8 @@ def table() -> None:
         "- *groups apart*: changing group 1's input leaves group 0's outputs unchanged;",
         "- *deploy equal*: `to_batchnorm` of the eval model gives bit-identical outputs;",
         "- *analytic*: the analytic prediction accepted, or the op it has no rule for;",
-        "- *BKN/BN step*: training step time of BKN over BatchNorm, median of 2 after a",
-        "  warm-up, CPU shared with other jobs (noisy; shown to size the cost, not to rank).",
+        "- *BKN/BN step*: training step time of BKN over BatchNorm, one step after a warm-up,",
+        "  on 2 CPU cores shared with other jobs (noisy; shown to size the cost, not to rank).",
         "",
         "| model | kind | BN layers | converts | trains | fused = composite | groups apart | "
         "deploy equal | analytic | BKN/BN step |",
@@ -146,7 +146,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names (default: all)")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--missing", action="store_true", help="only models without a record")
     args = parser.parse_args()
+    if args.missing:
+        import zoo
+        args.only = [s.name for s in zoo.SPECS if not record_path(s.name).exists()]
     if not args.table_only:
         run(args.only)
     table()
