@@ -271,11 +271,11 @@ def groups_independent(spec: Spec, model: nn.Module, inputs) -> Dict[str, bool]:
             if isinstance(m, kn.KalmanPredictor):
                 m.shadow_batch.generator.manual_seed(3)
         torch.manual_seed(3)
-        before = [layer.guard_counts[0].item() for layer in layers]
+        before = [layer.guard_counters[0].item() for layer in layers]
         with torch.no_grad():
             outputs.append([t[:MICRO_BATCH] for t in _tensors(part(z)) if t.dim() > 0
                             and t.shape[0] == BATCH])
-        fallbacks.append([layer.guard_counts[0].item() - b for layer, b in zip(layers, before)])
+        fallbacks.append([layer.guard_counters[0].item() - b for layer, b in zip(layers, before)])
     return {"groups_independent": bool(outputs[0]) and all(
                 _bitwise_equal(a, b) for a, b in zip(*outputs)),
             "guard_decisions_differ": fallbacks[0] != fallbacks[1]}

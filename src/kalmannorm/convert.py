@@ -324,8 +324,8 @@ def _deploy(layer: _BatchKalmanNorm) -> nn.Module:
         return _transplant(layer, new)
     new = copy.copy(skeleton)
     object.__setattr__(new, "_parameters", OrderedDict(layer._parameters))
-    object.__setattr__(new, "_buffers", OrderedDict(
-        (k, v) for k, v in layer._buffers.items() if k != "guard_counts"))
+    object.__setattr__(new, "_buffers", OrderedDict(  # BatchNorm's buffers, not BKN's counters
+        (k, v) for k, v in layer._buffers.items() if k not in layer._non_persistent_buffers_set))
     object.__setattr__(new, "_modules", OrderedDict(layer._modules))
     new.training = layer.training
     return new
