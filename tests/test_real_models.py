@@ -54,7 +54,8 @@ def test_timm_batchnorm_act_keeps_activation_and_drop_and_deploys_back():
     torch.testing.assert_close(model(x), expected)
     model.eval(), reference.eval()
     deployed = kn.to_batchnorm(model)
-    assert type(deployed[1]) is norm_act.BatchNormAct2d and isinstance(deployed[1].act, nn.Hardswish)
+    assert type(deployed[1]) is norm_act.BatchNormAct2d
+    assert isinstance(deployed[1].act, nn.Hardswish)
     assert torch.equal(deployed(x), model(x))
     assert deployed.state_dict().keys() == keys
     # the activation is applied to the shadow rows too: with gain > 0 the second layer's prior
@@ -179,7 +180,8 @@ def test_ambiguous_batch_is_refused_and_batch_input_resolves_it():
     x, consts = torch.randn(4, 3, 5, 5), torch.randn(2, 3)
     net = WithConstants()
     model = kn.convert_batchnorm(net, micro_batch=2)
-    with pytest.raises(ValueError, match=r"tensors with \[2, 4\] rows; name the input .*batch_input"):
+    with pytest.raises(ValueError,
+                       match=r"tensors with \[2, 4\] rows; name the input .*batch_input"):
         model(consts, x)
     for hint in (1, "x", -1):
         model = kn.KalmanPredictor(net, batch_input=hint)
@@ -304,7 +306,7 @@ def test_state_dict_keys_are_the_original_models_both_ways(nested):
     else:
         converted = kn.convert_batchnorm(converted, micro_batch=2)
     assert list(converted.state_dict()) == list(checkpoint)
-    converted(torch.randn(4, 3, 5, 5)) if not nested else converted.backbone(torch.randn(4, 3, 5, 5))
+    (converted.backbone if nested else converted)(torch.randn(4, 3, 5, 5))
     # BatchNorm checkpoint -> converted model, strict, values restored
     result = converted.load_state_dict(checkpoint, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
