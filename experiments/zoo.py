@@ -96,7 +96,8 @@ SPECS: List[Spec] = [
     Spec("googlenet", "torchvision", "classification",
          _tv("googlenet", num_classes=10, aux_logits=True, init_weights=True)),
     Spec("inception_v3", "torchvision", "classification",
-         _tv("inception_v3", num_classes=10, init_weights=True), input_shape=(BATCH, 3, 80, 80)),
+         _tv("inception_v3", num_classes=10, aux_logits=False, init_weights=True),
+         input_shape=(BATCH, 3, 80, 80)),
     Spec("vgg11_bn", "torchvision", "classification", _tv("vgg11_bn", num_classes=10)),
     # torchvision segmentation
     Spec("deeplabv3_mobilenet_v3_large", "torchvision", "segmentation",

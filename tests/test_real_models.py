@@ -323,3 +323,29 @@ def test_state_dict_keys_are_the_original_models_both_ways(nested):
     metadata = converted.state_dict()._metadata
     bn_key = "backbone.0.1" if nested else "0.1"
     assert metadata[bn_key]["version"] == 2
+
+
+class Versioned(nn.Module):
+    """Checks its state dict version on load, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))
+
+    def forward(self, x):
+        return self.body(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 (got {local_metadata.get('version')})")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_module_versions_survive_the_predictor_both_ways():
+    original = Versioned()
+    converted = kn.convert_batchnorm(copy.deepcopy(original), micro_batch=2)
+    converted.load_state_dict(original.state_dict())  # BatchNorm checkpoint -> converted
+    converted.load_state_dict(converted.state_dict())  # converted -> converted
+    original.load_state_dict(converted.state_dict())  # converted -> BatchNorm model

@@ -348,7 +348,11 @@ class KalmanPredictor(nn.Module):
 
 
 def _strip_module_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State dict hook: the wrapped model's keys without the ``module.`` level."""
+    """State dict hook: the wrapped model's keys without the ``module.`` level.
+
+    The metadata (module versions) is kept under both names, so that a version-checking module
+    (e.g. torchvision's MNASNet) finds it whichever form is loaded.
+    """
     inner = prefix + "module."
     keys = [k for k in state_dict if k.startswith(inner)]
     for key in keys:  # re-inserted in order; they are the last keys written
@@ -357,7 +361,7 @@ def _strip_module_prefix(module: nn.Module, state_dict: dict, prefix: str, local
     if metadata is not None:
         for key in [k for k in metadata if k == inner[:-1] or k.startswith(inner)]:
             metadata[prefix + key[len(inner):] if key != inner[:-1] else prefix[:-1]] = (
-                metadata.pop(key))
+                metadata[key])
 
 
 def _add_module_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -365,3 +369,11 @@ def _add_module_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) 
     inner = prefix + "module."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+    # Module versions of a checkpoint without the "module." level: only reachable when the
+    # predictor is the model loaded (a nested predictor sees no metadata; BatchNorm needs none).
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k.startswith(prefix[:-1]) and
+                    not (k == inner[:-1] or k.startswith(inner))]:
+            rest = key[len(prefix):] if prefix else key
+            metadata.setdefault(inner[:-1] + ("." + rest if rest else ""), metadata[key])
