@@ -11,6 +11,8 @@ imports the package. It changes nothing else: on the CPU the ``auto`` backend ne
 """
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,14 @@ from torch import nn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torchvision (and timm, which imports it) need stand-ins for torchvision's compiled ops when the
+# installed wheel does not match the CPU torch; see experiments/torchvision_ops.py.
+if importlib.util.find_spec("torchvision") is not None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
+    import torchvision_ops
+
+    torchvision_ops.install()
 
 # The lab wing: examples there are shell commands or need the `train` extra.
 collect_ignore = ["src/kalmannorm/harness"]

@@ -12,8 +12,9 @@ from . import functional, norms
 from .analytic import AnalyticKalmanPredictor
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional.dispatch import get_backend, set_backend, use_backend
-from .convert import convert_batchnorm, to_batchnorm
-from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, convert_batchnorm,
+                      norm_then, register_converter, to_batchnorm)
+from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchKalmanNormNd
 from .norms import (GroupNorm, GroupNorm1, InstanceGroupNorm, get_norm_layer, norm_names,
                     register_norm)
 from .prediction import KalmanPredictor, guard_report
@@ -24,9 +25,10 @@ from .prediction import ShadowBatch, guard_counts, has_kalman_layers  # noqa: F4
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d",
+    "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "BatchKalmanNormNd",
+    "BatchKalmanNormAct2d", "BatchKalmanNormActNd",
     "KalmanPredictor", "AnalyticKalmanPredictor",
-    "convert_batchnorm", "to_batchnorm",
+    "convert_batchnorm", "to_batchnorm", "register_converter", "norm_then",
     "get_norm_layer", "norm_names", "register_norm",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GroupNorm", "GroupNorm1", "InstanceGroupNorm",

@@ -23,8 +23,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from . import functional as KF
 
-__all__ = ["BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "PROPAGATE_MODES",
-           "RUNNING_STATS_MODES"]
+__all__ = ["BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "BatchKalmanNormNd",
+           "PROPAGATE_MODES", "RUNNING_STATS_MODES"]
 
 PROPAGATE_MODES = ("raw", "normalized")
 RUNNING_STATS_MODES = ("all", "group0")
@@ -47,6 +47,7 @@ class _GroupedNorm(_NormBase):
         self.micro_batch = micro_batch
 
     def _check_input_dim(self, x: Tensor) -> None:
+        self._check_input_dtype(x)
         if x.dim() not in self._input_dims:
             allowed = " or ".join(f"{d}D" for d in self._input_dims)
             raise ValueError(f"expected {allowed} input (got {x.dim()}D input)")
@@ -54,6 +55,22 @@ class _GroupedNorm(_NormBase):
             raise ValueError(
                 f"expected input with {self.num_features} channels (got {x.shape[1]})"
             )
+
+    def _check_input_dtype(self, x: Tensor) -> None:
+        # BatchNorm raises on integer input too; BKN would silently truncate its output.
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} expected a floating-point input (got {x.dtype}); "
+                "convert it first, e.g. x.float()"
+            )
+
+    def _empty_output(self, x: Tensor) -> Tensor:
+        """The output for a batch of zero rows: empty, as BatchNorm's, connected to the affine
+        parameters; no statistics and no buffer update."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.affine:
+            return x * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return x.clone()
 
     def _groups(self, rows: int) -> int:
         """Number of statistics groups in a batch of ``rows`` rows."""
@@ -156,6 +173,13 @@ class _BatchKalmanNorm(_GroupedNorm):
         ramp = self.num_batches_tracked.to(torch.float32) / self.gain_warmup
         return ramp.clamp(max=1.0) * self.gain
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise TypeError(
+            f"{type(self).__name__} does not support TorchScript; script the deployable "
+            "BatchNorm copy instead: torch.jit.script(kalmannorm.to_batchnorm(model).eval())"
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if not self.training and self.track_running_stats:
@@ -163,6 +187,8 @@ class _BatchKalmanNorm(_GroupedNorm):
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
             )
+        if x.shape[0] == 0:
+            return self._empty_output(x)
         shadow_batch = self._shadow_batch
         if shadow_batch is None or not shadow_batch.active:
             if self.training and self.gain > 0 and not self._warned_alone:
@@ -323,3 +349,33 @@ class BatchKalmanNorm3d(_BatchKalmanNorm):
     """
     _input_dims = (5,)
     _bn_class = torch.nn.BatchNorm3d
+
+
+class BatchKalmanNormNd(_BatchKalmanNorm):
+    __doc__ = r"""Batch Kalman Normalization over an input of any rank ``[N, C, *]``, like
+    ``nn.SyncBatchNorm``, which :func:`~kalmannorm.convert_batchnorm` turns into this layer.
+
+    See :class:`BatchKalmanNorm2d` for the method. The layer remembers the rank it was last fed
+    so that :func:`~kalmannorm.to_batchnorm` deploys it as ``nn.BatchNorm1d/2d/3d`` (an unused
+    layer deploys as ``nn.SyncBatchNorm``, which also accepts any rank).
+    """ + _DOC_OPTIONS + """
+    Shape:
+        - Input: ``[N, C]``, ``[N, C, L]``, ``[N, C, H, W]`` or ``[N, C, D, H, W]``; Output:
+          same shape.
+
+    >>> bkn = BatchKalmanNormNd(8, micro_batch=2)
+    >>> bkn(torch.randn(4, 8, 3)).shape
+    torch.Size([4, 8, 3])
+    """
+    _input_dims = (2, 3, 4, 5)
+    _bn_for_rank = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                    5: torch.nn.BatchNorm3d}
+    _input_rank: Optional[int] = None
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        super()._check_input_dim(x)
+        self._input_rank = x.dim()
+
+    @property
+    def _bn_class(self) -> type:
+        return self._bn_for_rank.get(self._input_rank, torch.nn.SyncBatchNorm)

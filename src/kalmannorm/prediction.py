@@ -12,9 +12,10 @@ activations. The wrapper strips the shadow rows from the outputs.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,11 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .modules import BatchKalmanNorm1d, _BatchKalmanNorm
 
-__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_report"]
+__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_report", "BatchInput"]
+
+# Which input of the model carries the batch: a positional index, a parameter name, or None
+# (found from the inputs, refusing ambiguity).
+BatchInput = Union[None, int, str]
 
 
 class ShadowBatch:
@@ -145,20 +150,23 @@ def _batch_coupled(module: nn.Module) -> List[str]:
     ]
 
 
-def _first_batch_size(obj: Any) -> Optional[int]:
+def _leading_sizes(obj: Any, sizes: Set[int]) -> Set[int]:
+    """Add the first dimension of every tensor nested in ``obj`` to ``sizes``."""
     if isinstance(obj, Tensor):
-        return obj.shape[0] if obj.dim() > 0 else None
-    if isinstance(obj, (list, tuple)):
-        items = obj
+        if obj.dim() > 0:
+            sizes.add(obj.shape[0])
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _leading_sizes(item, sizes)
     elif isinstance(obj, dict):
-        items = obj.values()
-    else:
-        return None
-    for item in items:
-        size = _first_batch_size(item)
-        if size is not None:
-            return size
-    return None
+        for item in obj.values():
+            _leading_sizes(item, sizes)
+    return sizes
+
+
+def _is_sample_list(obj: Any) -> bool:
+    """A list of separate per-sample tensors (torchvision detection's images)."""
+    return isinstance(obj, list) and len(obj) > 0 and all(isinstance(t, Tensor) for t in obj)
 
 
 def _map_batch(obj: Any, rows: int, fn) -> Any:
@@ -200,6 +208,15 @@ class KalmanPredictor(nn.Module):
             warning and by :meth:`layers_without_prior`. Default: ``None``.
         min_prior_values: the target of ``rows_per_group="auto"``. Default: 16.
         generator: random generator for the samples. Default: the global one.
+        batch_input: which input carries the batch, as a positional index or a ``forward``
+            parameter name; the batch size ``N`` is its first dimension (or that of the
+            tensors inside it). ``None`` takes ``N`` from the inputs' tensors when they all
+            have the same first dimension, and refuses inputs with several first dimensions
+            or a list of per-sample tensors, naming this option. Every input tensor with ``N``
+            rows gets the shadow rows. Default: ``None``.
+
+    The state dict has the wrapped model's keys (no ``module.`` prefix), so checkpoints of the
+    original model load strictly into the wrapper and back; ``module.``-prefixed keys load too.
 
     Shape:
         Inputs and outputs are the wrapped model's; the batch size must be a multiple of the BKN
@@ -219,8 +236,15 @@ class KalmanPredictor(nn.Module):
         rows_per_group: Union[int, str, None] = None,
         generator: Optional[torch.Generator] = None,
         min_prior_values: int = 16,
+        batch_input: BatchInput = None,
     ) -> None:
         super().__init__()
+        nested = [name for name, m in module.named_modules() if isinstance(m, KalmanPredictor)]
+        if nested:
+            raise ValueError(
+                f"the module already holds a KalmanPredictor at {nested} (the root is '');"
+                " a model takes one predictor: wrap the inner model once"
+            )
         layers = [m for m in module.modules() if isinstance(m, _BatchKalmanNorm)]
         if not layers:
             raise ValueError(
@@ -240,6 +264,11 @@ class KalmanPredictor(nn.Module):
         self.auto_rows = rows_per_group == "auto"
         if rows_per_group is None or self.auto_rows:
             rows_per_group = 4 if any(isinstance(m, BatchKalmanNorm1d) for m in layers) else 1
+        if batch_input is not None and (
+            isinstance(batch_input, bool) or not isinstance(batch_input, (int, str))
+        ):
+            raise TypeError(f"batch_input must be an int, a str or None (got {batch_input!r})")
+        self.batch_input = batch_input
         self.module = module
         self.micro_batch = micro_batches.pop()
         self.rows_per_group = rows_per_group
@@ -247,8 +276,21 @@ class KalmanPredictor(nn.Module):
         # per layer name: values per shadow row behind its prior, measured in the first pass
         self.prior_sizes: Optional[Dict[str, int]] = None
         self.shadow_batch = ShadowBatch(generator)
+        self._claim(layers)
+        self._register_state_dict_hook(_strip_module_prefix)
+        self._register_load_state_dict_pre_hook(_add_module_prefix, with_module=True)
+
+    def _claim(self, layers: List[_BatchKalmanNorm]) -> None:
+        # Claimed again at every pass, so that two predictors around one model each see their
+        # own shadow rows.
         for layer in layers:
             layer._shadow_batch = self.shadow_batch
+
+    def __prepare_scriptable__(self):
+        raise TypeError(
+            f"{type(self).__name__} does not support TorchScript; script the deployable "
+            "BatchNorm copy instead: torch.jit.script(kalmannorm.to_batchnorm(model).eval())"
+        )
 
     @staticmethod
     def _coupled_message(names: List[str]) -> str:
@@ -292,19 +334,67 @@ class KalmanPredictor(nn.Module):
             )
 
     def _predicting(self) -> bool:
-        return self.training and any(
-            isinstance(m, _BatchKalmanNorm) and m.training and m.gain > 0
-            for m in self.module.modules()
-        )
+        if not self.training:
+            return False
+        layers = [m for m in self.module.modules() if isinstance(m, _BatchKalmanNorm)]
+        if not any(m.training and m.gain > 0 for m in layers):
+            return False
+        self._claim(layers)
+        return True
+
+    def _selected_input(self, args: tuple, kwargs: dict) -> Tuple[str, Any]:
+        """``(description, value)`` of the input named by ``batch_input``."""
+        key = self.batch_input
+        if isinstance(key, int):
+            if not -len(args) <= key < len(args):
+                raise ValueError(f"batch_input={key} but the model got {len(args)} positional "
+                                 "inputs")
+            return f"positional input {key}", args[key]
+        if key in kwargs:
+            return f"input {key!r}", kwargs[key]
+        try:
+            bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            bound = None
+        if bound is None or key not in bound.arguments:
+            raise ValueError(f"batch_input={key!r} names no input of this call (got "
+                             f"{len(args)} positional inputs and keywords {sorted(kwargs)})")
+        return f"input {key!r}", bound.arguments[key]
+
+    def _batch_rows(self, args: tuple, kwargs: dict) -> int:
+        """The batch size ``N`` of a call, from ``batch_input`` or unambiguous inputs."""
+        how = ("; name the input that carries the batch with batch_input= (an index or a "
+               "parameter name) in KalmanPredictor or convert_batchnorm")
+        if self.batch_input is not None:
+            what, value = self._selected_input(args, kwargs)
+            sizes = _leading_sizes(value, set())
+            if len(sizes) != 1:
+                raise ValueError(f"{what} (batch_input) holds tensors with first dimensions "
+                                 f"{sorted(sizes)}; expected one batch size")
+            return sizes.pop()
+        samples = [i for i, a in enumerate(list(args) + list(kwargs.values()))
+                   if _is_sample_list(a)]
+        if samples:
+            raise ValueError(
+                "an input is a list of separate tensors (per-sample inputs, such as the images "
+                "of a torchvision detection model), so the batch is not one tensor's rows; "
+                "wrap the part of the model that receives the batched tensor (detection: "
+                "model.backbone = kalmannorm.convert_batchnorm(model.backbone, ...))" + how
+            )
+        sizes = _leading_sizes((args, kwargs), set())
+        if not sizes:
+            raise ValueError(f"{type(self).__name__} found no batched tensor among the inputs")
+        if len(sizes) > 1:
+            raise ValueError(f"cannot tell the batch size: the inputs hold tensors with "
+                             f"{sorted(sizes)} rows" + how)
+        return sizes.pop()
 
     def _start_pass(self, args: tuple, kwargs: dict) -> Tuple[int, int]:
         """Check a training pass's model and inputs; return ``(rows, groups)`` of the batch."""
         coupled = _batch_coupled(self.module)
         if coupled:
             raise ValueError(self._coupled_message(coupled))
-        rows = _first_batch_size((args, kwargs))
-        if rows is None:
-            raise ValueError(f"{type(self).__name__} found no batched tensor among the inputs")
+        rows = self._batch_rows(args, kwargs)
         if self.micro_batch is None:
             return rows, 1
         if rows % self.micro_batch != 0:
@@ -318,6 +408,8 @@ class KalmanPredictor(nn.Module):
         if not self._predicting():
             return self.module(*args, **kwargs)
         rows, groups = self._start_pass(args, kwargs)
+        if rows == 0:  # an empty batch: nothing to predict, every layer returns empty rows
+            return self.module(*args, **kwargs)
         extra = groups * self.rows_per_group
 
         def append(t: Tensor) -> Tensor:
@@ -332,3 +424,35 @@ class KalmanPredictor(nn.Module):
         if self.prior_sizes is None:
             self._calibrate()
         return _map_batch(out, rows + extra, lambda t: t[:rows])
+
+
+def _strip_module_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State dict hook: the wrapped model's keys without the ``module.`` level.
+
+    The metadata (module versions) is kept under both names, so that a version-checking module
+    (e.g. torchvision's MNASNet) finds it whichever form is loaded.
+    """
+    inner = prefix + "module."
+    keys = [k for k in state_dict if k.startswith(inner)]
+    for key in keys:  # re-inserted in order; they are the last keys written
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k == inner[:-1] or k.startswith(inner)]:
+            metadata[prefix + key[len(inner):] if key != inner[:-1] else prefix[:-1]] = (
+                metadata[key])
+
+
+def _add_module_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: accept the wrapped model's keys (and ``module.``-prefixed ones)."""
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+    # Module versions of a checkpoint without the "module." level: only reachable when the
+    # predictor is the model loaded (a nested predictor sees no metadata; BatchNorm needs none).
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k.startswith(prefix[:-1]) and
+                    not (k == inner[:-1] or k.startswith(inner))]:
+            rest = key[len(prefix):] if prefix else key
+            metadata.setdefault(inner[:-1] + ("." + rest if rest else ""), metadata[key])

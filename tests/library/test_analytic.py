@@ -492,7 +492,9 @@ def test_keyword_inputs_and_nested_outputs():
             h = F.relu(self.n1(x))
             return {"out": self.n2(self.conv(h) + shift), "features": (h, x.shape[0])}
 
-    model = AnalyticKalmanPredictor(Multi())
+    with pytest.raises(ValueError, match=r"tensors with \[1, 4\] rows; name the input"):
+        AnalyticKalmanPredictor(Multi())(torch.randn(4, 3, 6, 6), shift=torch.ones(1, 3, 1, 1))
+    model = AnalyticKalmanPredictor(Multi(), batch_input="x")
     out = model(torch.randn(4, 3, 6, 6), shift=torch.ones(1, 3, 1, 1))
     assert out["out"].shape == (4, 3, 6, 6) and out["features"][1] == 4
     assert guard_report(model)["priors"] == 1

@@ -101,11 +101,31 @@ def test_deployed_model_exports_to_onnx():
     assert "BatchNormalization" in ops or "Conv" in ops  # BN may be folded into the conv
 
 
-def test_sync_batchnorm_converts():
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
-    model = kn.convert_batchnorm(net, micro_batch=2)
-    assert isinstance(net[1], kn.BatchKalmanNorm2d)
-    assert model(torch.randn(4, 3, 4, 4)).shape == (4, 4, 4, 4)
+@pytest.mark.parametrize("shape, bn", [((4, 6), nn.BatchNorm1d), ((4, 6, 5), nn.BatchNorm1d),
+                                       ((4, 6, 3, 3), nn.BatchNorm2d),
+                                       ((4, 6, 2, 3, 3), nn.BatchNorm3d)])
+def test_sync_batchnorm_takes_the_rank_of_its_input(shape, bn):
+    # issue 8 item 3: SyncBatchNorm used to become BatchKalmanNorm2d whatever its input
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.SyncBatchNorm(6), nn.ReLU(), nn.SyncBatchNorm(6))
+    reference = copy.deepcopy(net)
+    for m in reference.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            reference._modules[next(k for k, v in reference._modules.items() if v is m)] = _bn_like(m, bn)
+    model = kn.convert_batchnorm(net, gain=0.0, micro_batch=None, rows_per_group=2)
+    assert isinstance(net[0], kn.BatchKalmanNormNd)
+    x = torch.randn(shape)
+    torch.testing.assert_close(model(x), reference(x))  # gain 0: BatchNorm in training
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(x), reference(x))
+    deployed = kn.to_batchnorm(model)
+    assert type(deployed[0]) is bn and torch.equal(deployed(x), model(x))
+
+
+def _bn_like(sync: nn.SyncBatchNorm, cls: type) -> nn.Module:
+    bn = cls(sync.num_features)
+    bn.load_state_dict(sync.state_dict())
+    return bn
 
 
 def test_convert_errors():

@@ -17,7 +17,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ..modules import _BatchKalmanNorm
-from ..prediction import KalmanPredictor
+from ..prediction import BatchInput, KalmanPredictor
 from .rules import Moments, eval_norm_moments, normalized_moments
 from .table import Unsupported, arg, describe, module_rule, rule, supported_ops
 
@@ -90,6 +90,21 @@ def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.Gra
     return fx.GraphModule(tracer.root, graph, class_name=type(module).__name__ + "Analytic")
 
 
+def _check_no_hidden_layers(node: fx.Node, gm: fx.GraphModule) -> None:
+    """Refuse a norm layer that runs child modules after normalizing (timm's BatchNormAct2d):
+    they are inside the traced leaf, where no moment rule can follow them."""
+    hidden = [f"{name} ({type(m).__name__})"
+              for name, m in gm.get_submodule(node.target).named_children()
+              if not isinstance(m, nn.Identity)]
+    if hidden:
+        raise NotImplementedError(
+            f"the analytic prediction cannot follow the layers that {node.target!r} runs "
+            f"after normalizing: {', '.join(hidden)}; use the sampled prediction "
+            "(kalmannorm.KalmanPredictor, or convert_batchnorm(..., prediction='sampled')), "
+            "which runs any layer"
+        )
+
+
 def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
     """Insert the moment nodes and replace every BKN call by :func:`_kalman_step`, in place.
 
@@ -113,6 +128,7 @@ def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         if kalman(node):
+            _check_no_hidden_layers(node, gm)
             x = arg(node, 0, "input")
             if state is None:
                 first = next(n for n in graph.nodes if n.op != "placeholder")
@@ -201,8 +217,9 @@ class AnalyticKalmanPredictor(KalmanPredictor):
     torch.Size([4, 8, 4, 4])
     """
 
-    def __init__(self, module: nn.Module, *, concrete_args: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Module, *, concrete_args: Optional[Dict[str, Any]] = None,
+                 batch_input: BatchInput = None) -> None:
+        super().__init__(module, batch_input=batch_input)
         self.concrete_args = concrete_args
         self._build()
 
@@ -213,7 +230,7 @@ class AnalyticKalmanPredictor(KalmanPredictor):
         _rewrite(gm, lambda m: isinstance(m, _BatchKalmanNorm))
         gm.recompile()
         # Not a registered submodule: it shares the model's layers, and the state dict stays
-        # the model's ("module.*", as KalmanPredictor's).
+        # the model's, as KalmanPredictor's.
         object.__setattr__(self, "_traced", gm)
         object.__setattr__(self, "_state", state)
 
@@ -229,6 +246,8 @@ class AnalyticKalmanPredictor(KalmanPredictor):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._predicting():
             return self.module(*args, **kwargs)
-        self._state.groups = self._start_pass(args, kwargs)[1]  # reset at every pass
+        rows, self._state.groups = self._start_pass(args, kwargs)  # reset at every pass
+        if rows == 0:  # an empty batch: nothing to predict
+            return self.module(*args, **kwargs)
         return self._traced(*args, **kwargs)
 
