@@ -363,8 +363,9 @@ class BatchKalmanNormNd(_BatchKalmanNorm):
         - Input: ``[N, C]``, ``[N, C, L]``, ``[N, C, H, W]`` or ``[N, C, D, H, W]``; Output:
           same shape.
 
+    >>> from kalmannorm import KalmanPredictor
     >>> bkn = BatchKalmanNormNd(8, micro_batch=2)
-    >>> bkn(torch.randn(4, 8, 3)).shape
+    >>> KalmanPredictor(bkn)(torch.randn(4, 8, 3)).shape
     torch.Size([4, 8, 3])
     """
     _input_dims = (2, 3, 4, 5)

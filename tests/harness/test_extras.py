@@ -19,7 +19,6 @@ def _cli(blocked, argv):
 
 
 @pytest.mark.parametrize("command, blocked, named", [
-    (["demo", "--epochs", "1"], ["sklearn"], "scikit-learn"),
     (["demo", "--epochs", "1"], ["matplotlib"], "matplotlib"),
     (["train", "--epochs", "1"], ["sklearn"], "scikit-learn"),
     (["train", "--epochs", "1"], ["numpy"], "numpy"),

@@ -156,6 +156,7 @@ def test_failed_conversion_leaves_the_model_as_it_was(case):
         layers.append(BatchCoupled(4))
     else:
         options["prediction"] = "analytic"
+        layers.insert(2, nn.Softmax(dim=1))  # an op without a moment rule
     net = nn.Sequential(*layers)
     shared = nn.Sequential(net, net[0])  # a layer under two names, to restore both
     before = snapshot(shared)
