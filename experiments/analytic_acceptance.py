@@ -32,7 +32,6 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kalmannorm

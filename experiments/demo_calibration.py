@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +72,8 @@ def write() -> str:
     records = [r for r in collect_records(dirs) if r["complete"]]
     records.sort(key=lambda r: (order.index(r["label"]) if r["label"] in order else 99, r["seed"]))
     rows = summarize(records)
-    plot = plot_test_error(records, os.path.join(OUT, "test_error.png"),
-                           "Demo calibration: CIFAR-10 subset, micro-batch 2")
+    plot_test_error(records, os.path.join(OUT, "test_error.png"),
+                    "Demo calibration: CIFAR-10 subset, micro-batch 2")
     costs = _costs()
     cpu = sum(c["cpu_s"] for c in costs.values())
     seeds = sorted({r["seed"] for r in records})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kalmannorm.harness.data import (
-    ImageData, crop_at, epoch_batches, eval_batches, load_cifar, load_dataset, load_digits,
+    crop_at, epoch_batches, eval_batches, load_cifar, load_dataset, load_digits,
     load_image_folder, random_flip, write_cifar_batch,
 )
 

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 import kalmannorm as kn
-from kalmannorm.functional import cpu_fused
 from kalmannorm import functional as KF
 
 

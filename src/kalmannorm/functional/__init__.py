@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch
+import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor
 
 from .composite import (
