@@ -175,8 +175,10 @@ def update_buffers(
     (:func:`~.composite.update_running_stats`, ``momentum=None`` a cumulative average) and the
     guard counters ``[fallbacks, priors offered]``, all in place and without host sync on CUDA.
     """
-    if triton_ops.supports_buffers(step.mean) and get_backend() in ("auto", "triton") and (
-            step.mean.is_cuda or get_backend() == "triton"):
+    name = get_backend()
+    # the kernel where the step's backend may be Triton: on CUDA under "auto", or named
+    if triton_ops.supports_buffers(step.mean) and (
+            name == "triton" or (name == "auto" and step.mean.is_cuda)):
         triton_ops.update_buffers(running_mean, running_var, num_batches_tracked,
                                   guard_counters, step, momentum, count, group0_only)
         return

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -386,10 +386,11 @@ def update_buffers(running_mean: Optional[Tensor], running_var: Optional[Tensor]
     track = running_mean is not None
     if track and momentum is None:  # cumulative average; reads the count as BatchNorm does
         momentum = 1.0 / (float(num_batches_tracked) + 1.0)
-    empty: List[Tensor] = [torch.empty(0, device=guard_counters.device) for _ in range(3)]
+    if not track:  # placeholders the kernel never reads (TRACK=False); distinct, not aliased
+        running_mean, running_var, num_batches_tracked = (
+            torch.empty(0, device=guard_counters.device) for _ in range(3))
     update = bkn_update_buffers if _use_ops() else _buffers_impl
     update(
-        running_mean if track else empty[0], running_var if track else empty[1],
-        num_batches_tracked if track else empty[2], guard_counters,
+        running_mean, running_var, num_batches_tracked, guard_counters,
         step.mean.detach(), step.var.detach(), step.used, step.available,
         float(momentum or 0.0), count / (count - 1), track, group0_only)
