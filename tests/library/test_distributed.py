@@ -34,6 +34,7 @@ def _worker(rank, world, init_file, out_dir):
     torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses,
                 "priors": kn.guard_report(model)["priors"]},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    del model  # before the group: a DDP reducer freeing the last ref to a gloo group can hang
     dist.destroy_process_group()
 
 

@@ -311,6 +311,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
     if config.threads:
         torch.set_num_threads(config.threads)
     device, rank, world, own_group = _setup_device(config)
+    net = None
     try:
         recipe = config.resolved_recipe()
         ckpt = _load_checkpoint(ckpt_path, device) if resuming else None
@@ -346,6 +347,11 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
                                  device, record_path, ckpt_path, session_start))
     finally:
         if own_group:
+            # Drop the DDP wrapper while the group is still registered: were its reducer the last
+            # owner of a gloo group, freeing it would join gloo's worker thread with the GIL held
+            # while that thread waits for the GIL to free the last collective's tensors (a hang
+            # at exit seen under torchrun with torch 2.13).
+            net = None
             dist.destroy_process_group()
 
 
