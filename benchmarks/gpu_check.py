@@ -9,6 +9,9 @@ Sections, each written into the JSON record as soon as it finishes (a cut run ke
    with a supplied prior and the shadow-row step (noise injected from ``torch.randn`` so both
    draw the same samples); max relative error of outputs, gradients and statistics.
 2. ``repeatability``: the same shadow-row step repeated; outputs and gradients bitwise equal.
+   ``correctness_measured_gain``: the same with ``gain_rule="kalman"`` (float32, m = 2).
+   ``one_position_rows``: rows with one value per channel, Triton and composite (float32)
+   against composite float64 over 20 draws.
 3. ``layers``: forward + backward per layer, medians of interleaved rounds (CUDA events), as
    ratios to ``nn.BatchNorm2d`` (cuDNN) and to a copy kernel in the same run, and to the bytes
    floor of docs/gpu.md section 5 at the copy bandwidth measured here; kernel launches per step
@@ -66,21 +69,21 @@ def rel_err(a, b) -> float:
 
 
 # --------------------------------------------------------------------------- 1. correctness
-def _functional(backend, x, prior, w, b, groups):
+def _functional(backend, x, prior, w, b, groups, gain_rule):
     for t in [x, w, b] + list(prior):
         t.grad = None
     y, mean, var, used = KF.batch_kalman_norm(x, prior, w, b, groups=groups, gain=0.9,
-                                              backend=backend)
+                                              backend=backend, gain_rule=gain_rule)
     g = torch.randn(y.shape, generator=torch.Generator(DEV).manual_seed(1), device=DEV)
     ((y.float() * g).sum() + mean.sum() + var.sum()).backward()
     return [y, mean, var, x.grad, w.grad, b.grad, prior[0].grad, prior[1].grad]
 
 
-def _shadow(backend, x, w, b, groups, real_rows, normalized):
+def _shadow(backend, x, w, b, groups, real_rows, normalized, gain_rule):
     x.grad = w.grad = b.grad = None
     options = KF.StepOptions(real_rows=real_rows, groups=groups, gain=0.9,
                              shadow_rows=(x.shape[0] - real_rows) // groups, shadow_prior=True,
-                             normalized=normalized)
+                             normalized=normalized, gain_rule=gain_rule)
     with triton_ops.torch_noise():
         r = KF.training_step(x, w, b, options, generator=torch.Generator(DEV).manual_seed(3),
                              backend=backend)
@@ -89,11 +92,13 @@ def _shadow(backend, x, w, b, groups, real_rows, normalized):
     return [r.y, r.mean, r.var, x.grad, w.grad, b.grad], bool(r.used)
 
 
-def correctness(shapes) -> List[Dict]:
+def correctness(shapes, ms=(2, 8), dtypes=(torch.float32, torch.bfloat16),
+                gain_rule="fixed") -> List[Dict]:
+    """``gain_rule="kalman"``: the measured gain, the layers' default since issue 9."""
     rows = []
     for shape in shapes:
-        for m in (2, 8):
-            for dtype in (torch.float32, torch.bfloat16):
+        for m in ms:
+            for dtype in dtypes:
                 for cl in (False, True):
                     if dtype == torch.bfloat16 and cl and shape[-1] < 56:
                         continue
@@ -107,8 +112,8 @@ def correctness(shapes) -> List[Dict]:
                     b = torch.randn(c, device=DEV).requires_grad_()
                     prior = (torch.randn(groups, c, device=DEV).requires_grad_(),
                              torch.rand(groups, c, device=DEV).add_(0.5).requires_grad_())
-                    ref = _functional("composite", x, prior, w, b, groups)
-                    got = _functional("triton", x, prior, w, b, groups)
+                    ref = _functional("composite", x, prior, w, b, groups, gain_rule)
+                    got = _functional("triton", x, prior, w, b, groups, gain_rule)
                     err_prior = max(rel_err(a, r) for a, r in zip(got, ref))
                     # shadow step: N real rows + one shadow row per group
                     xs = torch.cat([x.detach(), (torch.randn((groups,) + shape[1:], device=DEV)
@@ -116,17 +121,64 @@ def correctness(shapes) -> List[Dict]:
                         memory_format=fmt).requires_grad_()
                     errs = []
                     for normalized in (False, True):
-                        ref_s, used_ref = _shadow("composite", xs, w, b, groups, n, normalized)
-                        got_s, used = _shadow("triton", xs, w, b, groups, n, normalized)
+                        ref_s, used_ref = _shadow("composite", xs, w, b, groups, n, normalized,
+                                                  gain_rule)
+                        got_s, used = _shadow("triton", xs, w, b, groups, n, normalized,
+                                              gain_rule)
                         assert used == used_ref
                         errs.append(max(rel_err(a, r) for a, r in zip(got_s, ref_s)))
                     row = dict(shape=list(shape), m=m, dtype=str(dtype).split(".")[-1],
+                               gain_rule=gain_rule,
                                channels_last=cl, prior_max_rel_err=err_prior,
                                shadow_max_rel_err=max(errs))
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
                     row["ok"] = err_prior < tol and max(errs) < tol
                     rows.append(row)
                     print("correctness", row, flush=True)
+    return rows
+
+
+def one_position_rows(shapes, seeds) -> List[Dict]:
+    """Rows with one value per channel (``[N, C]``, ``[N, C, 1, 1]``), which the dispatch keeps
+    on the composite form: the Triton step (called directly) and the composite step, both in
+    float32, against the composite step in float64, over ``seeds`` random draws at m = 2."""
+    from kalmannorm.functional import composite
+
+    rows = []
+    for shape in shapes:
+        n, c = shape[0], shape[1]
+        groups = n // 2
+        for gain_rule in ("fixed", "kalman"):
+            options = KF.StepOptions(real_rows=n, groups=groups, gain=0.9, gain_rule=gain_rule)
+            worst = {"triton": 0.0, "composite_float32": 0.0}
+            decisions_differ = 0
+            for seed in range(seeds):
+                gen = torch.Generator(DEV).manual_seed(seed)
+                draw = lambda *size: torch.randn(size, generator=gen, device=DEV,  # noqa: E731
+                                                 dtype=torch.float64)
+                leaves64 = [draw(*shape) * 2 + 1, draw(c).abs() + 0.5, draw(c),
+                            draw(groups, c), draw(groups, c).abs() + 0.5]
+                grad64 = draw(*shape)
+
+                def run(step, dtype):
+                    x, w, b, mp, vp = [t.to(dtype).requires_grad_() for t in leaves64]
+                    r = step(x, w, b, options, prior=(mp, vp))
+                    loss = (r.y * grad64.to(dtype)).sum() + r.mean.sum() + r.var.sum()
+                    grads = torch.autograd.grad(loss, [x, w, b, mp, vp])
+                    return [r.y, r.mean, r.var, *grads], bool(r.used)
+
+                ref, used_ref = run(composite.training_step, torch.float64)
+                for name, step in (("triton", triton_ops.training_step),
+                                   ("composite_float32", composite.training_step)):
+                    got, used = run(step, torch.float32)
+                    decisions_differ += used != used_ref
+                    worst[name] = max(worst[name], max(rel_err(a, r) for a, r in zip(got, ref)))
+            row = dict(shape=list(shape), gain_rule=gain_rule, seeds=seeds,
+                       triton_max_rel_err=worst["triton"],
+                       composite_float32_max_rel_err=worst["composite_float32"],
+                       guard_decisions_differ=decisions_differ)
+            rows.append(row)
+            print("one_position", row, flush=True)
     return rows
 
 
@@ -220,7 +272,8 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
                         .to(dtype)]).contiguous(memory_format=fmt).requires_grad_()
         g, gs = torch.randn_like(x), torch.randn_like(xs)
         bn = nn.BatchNorm2d(c).to(DEV, memory_format=fmt)
-        bkn = kn.BatchKalmanNorm2d(c, micro_batch=m).to(DEV)
+        bkn = kn.BatchKalmanNorm2d(c, micro_batch=m).to(DEV)  # measured gain (default)
+        bkn_fixed = kn.BatchKalmanNorm2d(c, micro_batch=m, gain_rule="fixed").to(DEV)
         prior = (torch.randn(groups, c, device=DEV), torch.rand(groups, c, device=DEV) + 0.5)
 
         def fb(fn, inp, grad):
@@ -236,6 +289,7 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
             return run
 
         prior_step = lambda t: bkn.forward_with_prior(t, prior, groups)[0]  # noqa: E731
+        prior_fixed = lambda t: bkn_fixed.forward_with_prior(t, prior, groups)[0]  # noqa: E731
         shadow_step = lambda t: bkn._step(t, n, groups, shadow_rows=1,  # noqa: E731
                                           shadow_prior=True).y
         fns = {
@@ -243,6 +297,7 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
             "batchnorm": fb(bn, x, g),  # float32 parameters for any input dtype, as BKN
             "bkn_prior_composite": with_backend("composite", fb(prior_step, x, g)),
             "bkn_prior_triton": with_backend("triton", fb(prior_step, x, g)),
+            "bkn_prior_triton_fixed_gain": with_backend("triton", fb(prior_fixed, x, g)),
             "bkn_shadow_composite": with_backend("composite", fb(shadow_step, xs, gs)),
             "bkn_shadow_triton": with_backend("triton", fb(shadow_step, xs, gs)),
             "ghost_bn_triton": with_backend("triton", fb(
@@ -251,7 +306,8 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
         times = interleaved(fns)
         e = x.numel() * x.element_size()
         floor_bytes = {"copy": 4 * e, "batchnorm": 8 * e, "bkn_prior_composite": 6 * e,
-                       "bkn_prior_triton": 6 * e, "bkn_shadow_composite": 6 * e + 5 * e / m,
+                       "bkn_prior_triton": 6 * e, "bkn_prior_triton_fixed_gain": 6 * e,
+                       "bkn_shadow_composite": 6 * e + 5 * e / m,
                        "bkn_shadow_triton": 6 * e + 5 * e / m, "ghost_bn_triton": 6 * e}
         bn_ms, copy_ms = times["batchnorm"]["median_ms"], times["copy"]["median_ms"]
         for name, t in times.items():
@@ -260,8 +316,8 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
                        method=name, **t, x_bn=t["median_ms"] / bn_ms,
                        x_copy=t["median_ms"] / copy_ms, floor_ms=floor_ms,
                        x_floor=t["median_ms"] / floor_ms)
-            if name in ("batchnorm", "bkn_prior_triton", "bkn_shadow_triton",
-                        "bkn_prior_composite"):
+            if name in ("batchnorm", "bkn_prior_triton", "bkn_prior_triton_fixed_gain",
+                        "bkn_shadow_triton", "bkn_prior_composite"):
                 row["launches"] = launches(fns[name])
             rows.append(row)
             print("layer", row, flush=True)
@@ -380,6 +436,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="where to write the JSON record")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for all sections")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip")
+    parser.add_argument("--only", nargs="*", help="run only these sections")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every section at tiny shapes on the CPU (TRITON_INTERPRET=1)")
     args = parser.parse_args()
@@ -405,6 +462,10 @@ def main() -> None:
         ((128, 16, 32, 32), (128, 64, 8, 8))
     sections = [
         ("correctness", lambda: correctness([cifar, deep, large])),
+        ("correctness_measured_gain", lambda: correctness(
+            [cifar, deep], ms=(2,), dtypes=(torch.float32,), gain_rule="kalman")),
+        ("one_position_rows", lambda: one_position_rows(
+            [(6, 5), (64, 256), (64, 256, 1, 1), (16, 1024, 1, 1)], 3 if SMOKE["on"] else 20)),
         ("repeatability", lambda: repeatability(cifar, 3 if SMOKE["on"] else 200)),
         ("bandwidth", lambda: {"copy_bytes_per_s": copy_bandwidth()}),
         ("layers", lambda: layer_suite(
@@ -420,8 +481,9 @@ def main() -> None:
     ]
     for name, fn in sections:
         elapsed = time.perf_counter() - start
-        if name in args.skip or elapsed > args.budget:
-            RECORD["sections"][name] = {"skipped": "asked" if name in args.skip else
+        asked_off = name in args.skip or (args.only is not None and name not in args.only)
+        if asked_off or elapsed > args.budget:
+            RECORD["sections"][name] = {"skipped": "asked" if asked_off else
                                         f"budget spent ({elapsed:.0f} s)"}
             continue
         t0 = time.perf_counter()
