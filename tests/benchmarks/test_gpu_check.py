@@ -11,15 +11,20 @@ from benchmarks import gpu_report
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 RECORD = "docs/perf/gpu-check-h200-20261127.json"
+FOLLOWUP = "docs/perf/gpu-check-h100-20261127-followup.json"
 
 
-def test_committed_record_regenerates_the_doc():
-    with open(os.path.join(ROOT, RECORD)) as f:
+@pytest.mark.parametrize("path,begin,end,render", [
+    (RECORD, gpu_report.BEGIN, gpu_report.END, gpu_report.render),
+    (FOLLOWUP, gpu_report.FOLLOWUP_BEGIN, gpu_report.FOLLOWUP_END, gpu_report.render_followup),
+])
+def test_committed_records_regenerate_the_doc(path, begin, end, render):
+    with open(os.path.join(ROOT, path)) as f:
         record = json.load(f)
     with open(os.path.join(ROOT, "docs", "gpu.md")) as f:
         doc = f.read()
-    measured = doc.split(gpu_report.BEGIN)[1].split(gpu_report.END)[0].strip()
-    assert measured == gpu_report.render(record, RECORD).strip()
+    measured = doc.split(begin)[1].split(end)[0].strip()
+    assert measured == render(record, path).strip()
 
 
 def test_cpu_smoke_run_writes_a_record(tmp_path):

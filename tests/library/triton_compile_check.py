@@ -19,7 +19,7 @@ except ImportError:
 
 _POINTERS = {"FLAGS": "*i1", "USED": "*i1", "AVAIL": "*i1", "PVALID": "*i1", "SEED": "*i64",
              "NBT": "*i64", "GUARD": "*i64"}
-_FLOATS = {"gain", "eps", "guard_threshold", "momentum", "unbias"}
+_FLOATS = {"gain", "eps", "guard_threshold", "momentum", "unbias", "single_group_noise"}
 
 
 def compile_for_hopper(kernel, dtype="fp32", **constexprs):
@@ -58,6 +58,7 @@ def main(prior: int, dtype: str, flags: str) -> None:
                        NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
                        PRIOR_GRAD=prior > 0, HAS_GMV=has_w, **tile)
     compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, BC=64)
+    compile_for_hopper(K.gain_kernel, GROUPED=has_w, SB=16 if has_b else 1, BC=256)
 
 
 if __name__ == "__main__":

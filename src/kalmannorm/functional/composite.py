@@ -179,8 +179,9 @@ def measured_gain(
         p = a / max(d, a)
 
     A prior as good as a second observation gets ``a / (2a) = 1/2``; one ten times worse than
-    the observation noise gets about 0.1; a prior with a zero-variance channel gets 0. Computed
-    without gradient (it is a decision, like the guard) and without a host synchronisation.
+    the observation noise gets about 0.1; a zero prior variance counts as the smallest float
+    (its squared log difference, about 7,600, enters the mean). Computed without gradient (it
+    is a decision, like the guard) and without a host synchronisation.
 
     Args:
         mean_obs, var_obs, mean_prior, var_prior: ``[S, C]`` statistics.

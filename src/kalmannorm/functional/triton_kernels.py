@@ -10,6 +10,9 @@ dweight/dbias (sums over ``S``):
   non-finite values zeroed and counted, or a supplied prior), and one partial record per program
   for the guard (``sum(var_prior / var_obs)``, whether any prior variance is non-zero, the
   non-finite count);
+- ``gain_kernel`` (``gain_rule="kalman"`` only): one program reads the ``[4, S, C]`` statistics
+  and writes the measured gain ``min(gain, p)`` (:func:`~.composite.measured_gain`) to a device
+  scalar, in place of a dozen small torch operations;
 - ``apply_kernel``: every program reduces the partial records in the same fixed order (so all
   agree on the guard without a grid barrier), then the Kalman update, ``y`` for the real rows
   and fresh samples ``mean + std * noise`` for the shadow rows, the noise from Philox by
@@ -132,6 +135,51 @@ def _guard(PART, nprog, SC, guard_threshold, RB: tl.constexpr):
     available = tl.max(avail, axis=0) > 0
     used = available & _finite(r) & (r < guard_threshold) & (tl.sum(nonfinite, axis=0) == 0)
     return used, available
+
+
+@triton.jit
+def gain_kernel(STATS, GAIN, S, C, single_group_noise, gain, GROUPED: tl.constexpr,
+                SB: tl.constexpr, BC: tl.constexpr):
+    """Launch between stats and apply, one program: ``GAIN[0] = min(gain, p)`` with ``p`` the
+    measured gain of :func:`~.composite.measured_gain` from ``STATS`` (``SB >= S``). With one
+    group (not ``GROUPED``) the observation noise is ``single_group_noise``, else the spread of
+    the groups' observations (unbiased variance over ``S``)."""
+    SC = S * C
+    s = tl.arange(0, SB)
+    smask = s < S
+    dacc = tl.zeros([SB, BC], dtype=tl.float32)
+    aacc = tl.zeros([BC], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < C
+        mask = smask[:, None] & cmask[None, :]
+        off = s[:, None] * C + c[None, :]
+        mo = tl.load(STATS + off, mask=mask, other=0.0)
+        scale = tl.maximum(tl.load(STATS + SC + off, mask=mask, other=1.0), TINY,
+                           propagate_nan=tl.PropagateNan.ALL)
+        mp = tl.load(STATS + 2 * SC + off, mask=mask, other=0.0)
+        vp = tl.maximum(tl.load(STATS + 3 * SC + off, mask=mask, other=1.0), TINY,
+                        propagate_nan=tl.PropagateNan.ALL)
+        lo = tl.log(scale)
+        dl = tl.log(vp) - lo
+        dm = mp - mo
+        dacc += tl.where(mask, dl * dl + dm * dm / scale, 0.0)
+        if GROUPED:
+            lo_mean = tl.sum(tl.where(mask, lo, 0.0), axis=0) / S
+            mo_mean = tl.sum(mo, axis=0) / S
+            el = tl.where(mask, lo - lo_mean[None, :], 0.0)
+            em = tl.where(mask, mo - mo_mean[None, :], 0.0)
+            spread = (tl.sum(el * el, axis=0) + tl.sum(em * em, axis=0)
+                      / (tl.sum(tl.where(smask[:, None], scale, 0.0), axis=0) / S)) / (S - 1)
+            aacc += tl.where(cmask, spread, 0.0)
+    d = tl.sum(tl.sum(dacc, axis=1), axis=0) / SC
+    if GROUPED:
+        a = tl.sum(aacc, axis=0) / C
+    else:
+        a = single_group_noise
+    p = a / tl.maximum(d, a, propagate_nan=tl.PropagateNan.ALL)
+    p = tl.where(_finite(p), p, 0.0)
+    tl.store(GAIN, tl.minimum(p, gain))
 
 
 @triton.jit

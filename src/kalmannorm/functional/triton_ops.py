@@ -3,7 +3,8 @@
 Three operators wrap the kernels of :mod:`.triton_kernels` (docs/gpu.md):
 
 - ``kalmannorm::bkn_forward`` (functional, with a registered autograd formula): statistics,
-  guard, normalization and fresh shadow-row samples, 2 launches;
+  guard, normalization and fresh shadow-row samples, 2 launches (3 with the measured
+  gain of ``gain_rule="kalman"``, which a one-program kernel computes between them);
 - ``kalmannorm::bkn_backward`` (functional): the slab-local backward, 1 launch, plus one sum
   over the groups for dweight/dbias;
 - ``kalmannorm::bkn_update_buffers`` (mutates the layer's buffers): running averages,
@@ -30,7 +31,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .composite import StepOptions, StepResult, measured_gain
+from .composite import StepOptions, StepResult
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 triton = None
@@ -57,16 +58,12 @@ def available() -> bool:
 
 def supports(x: Tensor) -> bool:
     """Whether the kernels handle ``x``: triton installed, a CUDA tensor (or any tensor under
-    the Triton interpreter), float32/bfloat16/float16, more than one position per row."""
+    the Triton interpreter), float32/bfloat16/float16, fewer than 2**31 elements."""
     if triton is None or torch.jit.is_scripting():
         return False
     if not (x.is_cuda or _INTERPRET):
         return False
-    # int32 offsets in the kernels. Rows with one value per channel ([N, C], [N, C, 1, 1]) stay
-    # on the composite form: they pass under the interpreter, but one such case failed its
-    # comparison on an H200 (docs/gpu.md), and these layers are small.
-    return (x.dtype in _DTYPES and x.dim() >= 2 and 0 < x.numel() < 2 ** 31
-            and math.prod(x.shape[2:]) > 1)
+    return x.dtype in _DTYPES and x.dim() >= 2 and 0 < x.numel() < 2 ** 31  # int32 offsets
 
 
 def supports_options(options: StepOptions) -> bool:
@@ -156,7 +153,9 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
         groups, channels, length, m, kin, real_rows,
         PRIOR=prior_mode, HAS_PVALID=prior_valid is not None, BC=bc, BL=bl,
     )
-    gains = _gain_of(stats, prior_mode, gain, measured, m * length)
+    gains = stats.new_empty(0)
+    if measured and prior_mode != K.NO_PRIOR:  # gain_rule="kalman"
+        gains = _measured_gain(stats, m * length, gain, launch)
     launch(K.apply_kernel)[grid](
         x, y, sN, sC, sL, ySN, ySC, ySL, stats, part, flags,
         dummy if weight is None else weight, dummy if bias is None else bias, meanvar,
@@ -169,13 +168,17 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
     return y, stats, meanvar, flags, gains
 
 
-def _gain_of(stats, prior_mode, gain, measured, count):
-    """``[p]`` with ``p = min(gain, measured_gain)`` (``gain_rule="kalman"``) from the moments
-    of the stats kernel, on the device; empty for the fixed gain."""
-    if not measured or prior_mode == K.NO_PRIOR:
-        return stats.new_empty(0)
-    return torch.clamp(measured_gain(stats[0], stats[1], stats[2], stats[3], count),
-                       max=gain).reshape(1)
+def _measured_gain(stats: Tensor, count: int, gain: float, launch=_direct) -> Tensor:
+    """``[min(gain, p)]``, ``p`` the measured gain (:func:`.composite.measured_gain`) of the
+    ``[4, S, C]`` moments that the stats kernel wrote, computed on the device by one program;
+    ``count``: values behind one group's observed statistics."""
+    groups, channels = stats.shape[1:]
+    out = stats.new_empty(1)
+    sb = triton.next_power_of_2(groups)
+    launch(K.gain_kernel)[(1,)](
+        stats, out, groups, channels, 2.0 / max(count - 1, 1) + 1.0 / count, gain,
+        GROUPED=groups >= 2, SB=sb, BC=max(1, min(triton.next_power_of_2(channels), 4096 // sb)))
+    return out
 
 
 def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
