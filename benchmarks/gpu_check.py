@@ -12,7 +12,9 @@ Sections, each written into the JSON record as soon as it finishes (a cut run ke
    ``correctness_measured_gain``: the same with ``gain_rule="kalman"`` (float32, m = 2).
    ``one_position_rows``: rows with one value per channel, Triton and composite (float32)
    against composite float64 over 20 draws.
-3. ``layers``: forward + backward per layer, medians of interleaved rounds (CUDA events), as
+3. ``layers``: forward + backward per layer (BKN with a supplied prior, measured and fixed gain,
+   and with shadow rows; ghost BatchNorm; Batch Renormalization past its warm-up; each by the
+   composite form and the kernels), medians of interleaved rounds (CUDA events), as
    ratios to ``nn.BatchNorm2d`` (cuDNN) and to a copy kernel in the same run, and to the bytes
    floor of docs/gpu.md section 5 at the copy bandwidth measured here; kernel launches per step
    from ``torch.profiler``.
@@ -274,6 +276,7 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
         bn = nn.BatchNorm2d(c).to(DEV, memory_format=fmt)
         bkn = kn.BatchKalmanNorm2d(c, micro_batch=m).to(DEV)  # measured gain (default)
         bkn_fixed = kn.BatchKalmanNorm2d(c, micro_batch=m, gain_rule="fixed").to(DEV)
+        brn = kn.BatchRenorm2d(c, micro_batch=m, warmup_steps=0, ramp_steps=0).to(DEV)
         prior = (torch.randn(groups, c, device=DEV), torch.rand(groups, c, device=DEV) + 0.5)
 
         def fb(fn, inp, grad):
@@ -302,13 +305,16 @@ def layer_suite(configs, bandwidth) -> List[Dict]:
             "bkn_shadow_triton": with_backend("triton", fb(shadow_step, xs, gs)),
             "ghost_bn_triton": with_backend("triton", fb(
                 lambda t: bkn.forward_with_prior(t, None, groups)[0], x, g)),
+            "batch_renorm_composite": with_backend("composite", fb(brn, x, g)),
+            "batch_renorm_triton": with_backend("triton", fb(brn, x, g)),
         }
         times = interleaved(fns)
         e = x.numel() * x.element_size()
         floor_bytes = {"copy": 4 * e, "batchnorm": 8 * e, "bkn_prior_composite": 6 * e,
                        "bkn_prior_triton": 6 * e, "bkn_prior_triton_fixed_gain": 6 * e,
                        "bkn_shadow_composite": 6 * e + 5 * e / m,
-                       "bkn_shadow_triton": 6 * e + 5 * e / m, "ghost_bn_triton": 6 * e}
+                       "bkn_shadow_triton": 6 * e + 5 * e / m, "ghost_bn_triton": 6 * e,
+                       "batch_renorm_composite": 6 * e, "batch_renorm_triton": 6 * e}
         bn_ms, copy_ms = times["batchnorm"]["median_ms"], times["copy"]["median_ms"]
         for name, t in times.items():
             floor_ms = floor_bytes[name] / bandwidth * 1e3

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import group_affine, group_moments, update_running_stats
+from .functional import group_affine, group_moments, triton_ops, update_running_stats
+from .functional.composite import _check_groups
+from .functional.dispatch import resolve_backend
 from .modules import _GroupedNorm
 
 __all__ = [
@@ -119,6 +121,7 @@ def batch_renorm(
     r_max: Union[float, Tensor] = 3.0,
     d_max: Union[float, Tensor] = 5.0,
     eps: float = 1e-5,
+    backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Batch Renormalization of ``x`` in training mode, per group of contiguous rows.
 
@@ -137,6 +140,9 @@ def batch_renorm(
         groups: ``S``, the number of statistics groups; must divide ``N``. Default: 1.
         r_max, d_max: clipping limits (floats or 0-dim tensors). Default: 3, 5.
         eps: added to the variances. Default: 1e-5.
+        backend: as for :func:`kalmannorm.functional.batch_kalman_norm`. The ``triton``
+            backend (CUDA, eager mode) computes it with the BKN kernels; every other backend,
+            and ``torch.compile``, with the composite form.
 
     Returns:
         ``(y, mean, var)``: the output in ``x``'s dtype and the float32 batch statistics
@@ -149,6 +155,11 @@ def batch_renorm(
     """
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
+    _check_groups(x, groups)
+    if running_mean is not None and resolve_backend(x, backend) == "triton" \
+            and not torch.compiler.is_compiling():
+        return triton_ops.batch_renorm(x, running_mean, running_var, weight, bias, groups,
+                                       r_max, d_max, eps)
     mean, var = group_moments(x, groups)
     inv_std = torch.rsqrt(var + eps)  # [S, C]
     scale = inv_std

@@ -1,6 +1,7 @@
 """The Triton backend equals the composite form: outputs, every gradient, running buffers and guard
 counters, for the prior supplied, taken from shadow rows, rejected or absent; NCHW, channels-last
-and rows of one position (against float64); float32 and bfloat16.
+and rows of one position (against float64); float32 and bfloat16; the measured gain's kernel;
+Batch Renormalization.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
 set by the root ``conftest.py`` before kalmannorm is imported); shapes are tiny and odd so that every
@@ -210,7 +211,7 @@ def test_double_backward_names_the_composite_backend():
 
 
 @pytest.mark.parametrize("prior,dtype,flags", [
-    (0, "fp32", "1100"), (1, "bf16", "1010"), (2, "fp32", "0101"),
+    (0, "fp32", "1100"), (1, "bf16", "1010"), (2, "fp32", "0101"), (0, "bf16", "0011"),
 ])
 def test_kernels_compile_for_hopper(prior, dtype, flags):
     """Every kernel compiles to sm_90 machine code with triton's own ptxas (no GPU needed):
@@ -339,3 +340,68 @@ def test_measured_gain_adds_no_torch_operations():
         with Compute() as mode:
             triton_ops.training_step(x, None, None, options, prior=prior)
         assert mode.ops == [], (rule, mode.ops)
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(affine=False), dict(channels_last=True), dict(shape=(6, 5)),
+    dict(limits="tensor"), dict(clipped=True), dict(dtype=torch.bfloat16),
+])
+def test_batch_renorm_matches_composite(case):
+    """Batch Renormalization by the kernels (the correction ``(r, d)`` in the apply kernel, kept
+    for the backward) against the composite form: output, statistics and every gradient; also
+    with the running statistics changed after the forward, as the module does."""
+    shape = case.get("shape", (8, 5, 3, 7))
+    dtype = case.get("dtype", torch.float32)
+    groups = shape[0] // 2
+    c = shape[1]
+    rm = torch.linspace(-0.5, 0.5, c, device=DEVICE)
+    rv = torch.linspace(0.5, 4.0, c, device=DEVICE)
+    if case.get("clipped"):  # far from the batch: r and d both hit their limits
+        rm, rv = rm + 20.0, rv * 100.0
+    r_max, d_max = 1.5, 0.5
+    from kalmannorm.batchrenorm import batch_renorm
+
+    if case.get("limits") == "tensor":
+        r_max, d_max = torch.tensor(1.5, device=DEVICE), torch.tensor(0.5, device=DEVICE)
+    results = {}
+    for backend in ("composite", "triton"):
+        x = _inputs(shape, dtype, case.get("channels_last", False))
+        w = b = None
+        if case.get("affine", True):
+            w = torch.linspace(0.5, 1.5, c, device=DEVICE).requires_grad_()
+            b = torch.linspace(-1, 1, c, device=DEVICE).requires_grad_()
+        running = (rm.clone(), rv.clone())
+        y, mean, var = batch_renorm(x, *running, w, b, groups=groups, r_max=r_max,
+                                       d_max=d_max, backend=backend)
+        running[0].add_(1.0)  # the module updates them before the backward runs
+        running[1].mul_(2.0)
+        g = torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)
+        loss = (y.float() * g).sum() + (mean * torch.arange(mean.numel(), device=DEVICE)
+                                        .view(mean.shape)).sum() + var.square().sum()
+        leaves = [t for t in (x, w, b) if t is not None]
+        results[backend] = [y, mean, var] + list(torch.autograd.grad(loss, leaves))
+    assert results["triton"][0].dtype == dtype
+    for a, e in zip(results["triton"], results["composite"]):
+        _close(a, e, dtype)
+
+
+def test_batch_renorm_module_uses_the_kernels_and_trains_like_composite():
+    """BatchRenorm2d past its warm-up: three steps per backend from the same state give the same
+    outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    x = _inputs((8, 5, 3, 3), torch.float32).detach()
+    outs = {}
+    for backend in ("composite", "triton"):
+        layer = kn.BatchRenorm2d(5, micro_batch=2, warmup_steps=0, ramp_steps=0, r_max=1.2,
+                                 d_max=0.3, momentum=0.3).to(DEVICE)
+        record = []
+        with kn.use_backend(backend):
+            for step in range(3):
+                xi = (x * (1 + step)).requires_grad_()
+                y = layer(xi)
+                (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)).sum() \
+                    .backward()
+                record += [y.detach(), xi.grad, layer.weight.grad.clone()]
+        outs[backend] = record + [layer.running_mean, layer.running_var]
+    for a, e in zip(outs["triton"], outs["composite"]):
+        _close(a, e, torch.float32)

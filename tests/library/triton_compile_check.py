@@ -19,7 +19,8 @@ except ImportError:
 
 _POINTERS = {"FLAGS": "*i1", "USED": "*i1", "AVAIL": "*i1", "PVALID": "*i1", "SEED": "*i64",
              "NBT": "*i64", "GUARD": "*i64"}
-_FLOATS = {"gain", "eps", "guard_threshold", "momentum", "unbias", "single_group_noise"}
+_FLOATS = {"gain", "eps", "guard_threshold", "momentum", "unbias", "single_group_noise",
+           "rmax", "dmax"}
 
 
 def compile_for_hopper(kernel, dtype="fp32", **constexprs):
@@ -53,10 +54,10 @@ def main(prior: int, dtype: str, flags: str) -> None:
     compile_for_hopper(K.stats_kernel, dtype, PRIOR=prior, HAS_PVALID=noise, **tile)
     compile_for_hopper(K.apply_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
                        NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
-                       RB=256, **tile)
+                       RENORM=prior == 0, LIM_FROM_PTR=noise, RB=256, **tile)
     compile_for_hopper(K.backward_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
                        NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
-                       PRIOR_GRAD=prior > 0, HAS_GMV=has_w, **tile)
+                       PRIOR_GRAD=prior > 0, HAS_GMV=has_w, RENORM=prior == 0, **tile)
     compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, BC=64)
     compile_for_hopper(K.gain_kernel, GROUPED=has_w, SB=16 if has_b else 1, BC=256)
 

@@ -193,10 +193,13 @@ def _lerp(start, end, w):
 
 
 @triton.jit
-def _combined(STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_B: tl.constexpr, NORMALIZED: tl.constexpr):
+def _combined(STATS, W, B, s, c, cmask, S, C, used, gain, eps, ren_r, ren_d,
+              PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+              NORMALIZED: tl.constexpr, RENORM: tl.constexpr):
     """The ``[S, C]`` chain of one program's channels: Kalman update, affine, sample mean/std.
-    Recomputed in the backward from the saved statistics (a few flops per channel)."""
+    Recomputed in the backward from the saved statistics (a few flops per channel). With
+    With ``RENORM`` (no prior) Batch Renormalization's constant correction ``(ren_r, ren_d)``
+    sits between the normalization and the affine: ``((x - mean) r ren_r + ren_d) w + b``."""
     SC = S * C
     mo = tl.load(STATS + 0 * SC + s * C + c, mask=cmask, other=0.0)
     vo = tl.load(STATS + 1 * SC + s * C + c, mask=cmask, other=1.0)
@@ -219,8 +222,12 @@ def _combined(STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR: tl.constex
     w = tl.full([c.shape[0]], 1.0, tl.float32)
     if HAS_W:
         w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
-    scale = r * w
-    shift = -mean * scale
+    if RENORM:
+        scale = r * ren_r * w
+        shift = (-mean * r * ren_r + ren_d) * w
+    else:
+        scale = r * w
+        shift = -mean * scale
     if HAS_B:
         shift = shift + tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
     sd = tl.sqrt(tl.maximum(var, TINY))
@@ -241,14 +248,19 @@ def _noise(NOISE, seed, flat, mask, NOISE_FROM_PTR: tl.constexpr):
 
 @triton.jit
 def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEANVAR, NOISE,
-                 SEED, GAIN, S, C, L, m, K, real_rows, gain, eps, guard_threshold,
-                 PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                 NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
-                 GAIN_FROM_PTR: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
+                 SEED, GAIN, RM, RV, LIM, RD, S, C, L, m, K, real_rows, gain, eps,
+                 guard_threshold, rmax, dmax, PRIOR: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
+                 GAIN_FROM_PTR: tl.constexpr, RENORM: tl.constexpr,
+                 LIM_FROM_PTR: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
                  BL: tl.constexpr):
     """Launch 2: guard, combined statistics ``MEANVAR[0..1, s, c]``, ``y`` for the real rows,
     ``K`` fresh samples per group into the shadow rows of ``Y``; ``FLAGS = [used, available]``.
-    ``GAIN_FROM_PTR``: the gain is a device scalar (the measured gain), not ``gain``."""
+    ``GAIN_FROM_PTR``: the gain is a device scalar (the measured gain), not ``gain``.
+    ``RENORM`` (no prior, no shadow rows): Batch Renormalization, ``r = clip(sqrt(var + eps) /
+    sigma, 1 / rmax, rmax)``, ``d = clip((mean - RM) / sigma, -dmax, dmax)`` with ``sigma =
+    sqrt(RV + eps)`` (limits from ``LIM[0..1]`` with ``LIM_FROM_PTR``), kept in ``RD[0..1, s,
+    c]`` for the backward (the running statistics change after the step)."""
     if GAIN_FROM_PTR:
         gain = tl.load(GAIN)
     s = tl.program_id(0)
@@ -264,8 +276,23 @@ def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEAN
     if (s == 0) & (cb == 0):
         tl.store(FLAGS + 0, used)
         tl.store(FLAGS + 1, available)
+    ren_r = tl.full([BC], 1.0, tl.float32)
+    ren_d = tl.zeros([BC], dtype=tl.float32)
+    if RENORM:
+        if LIM_FROM_PTR:
+            rmax = tl.load(LIM)
+            dmax = tl.load(LIM + 1)
+        sigma = tl.sqrt(tl.load(RV + c, mask=cmask, other=1.0).to(tl.float32) + eps)
+        sd_b = tl.sqrt(tl.load(STATS + SC + s * C + c, mask=cmask, other=1.0) + eps)
+        ren_r = tl.minimum(tl.maximum(sd_b / sigma, 1.0 / rmax), rmax)
+        ren_d = (tl.load(STATS + s * C + c, mask=cmask, other=0.0)
+              - tl.load(RM + c, mask=cmask, other=0.0).to(tl.float32)) / sigma
+        ren_d = tl.minimum(tl.maximum(ren_d, -dmax), dmax)
+        tl.store(RD + s * C + c, ren_r, mask=cmask)
+        tl.store(RD + SC + s * C + c, ren_d, mask=cmask)
     (mo, vo, mp, diff, mean, var, r, w, scale, shift, sd, zmean, zstd) = _combined(
-        STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR, HAS_W, HAS_B, NORMALIZED)
+        STATS, W, B, s, c, cmask, S, C, used, gain, eps, ren_r, ren_d, PRIOR, HAS_W, HAS_B,
+        NORMALIZED, RENORM)
     tl.store(MEANVAR + 0 * SC + s * C + c, mean, mask=cmask)
     tl.store(MEANVAR + 1 * SC + s * C + c, var, mask=cmask)
     for rr in range(0, m):
@@ -286,11 +313,12 @@ def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEAN
 
 @triton.jit
 def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NOISE, SEED,
-                    GAIN, GMV, GPART, GPRIOR, S, C, L, m, K, real_rows, Kin, gain, eps,
+                    GAIN, RD, GMV, GPART, GPRIOR, S, C, L, m, K, real_rows, Kin, gain, eps,
                     PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
                     GAIN_FROM_PTR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
-                    HAS_GMV: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr):
+                    HAS_GMV: tl.constexpr, RENORM: tl.constexpr, BC: tl.constexpr,
+                    BL: tl.constexpr):
     """The whole backward of a slab: sums, the closed-form ``[S, C]`` chain, ``dx`` (real and
     incoming shadow rows), the prior's gradient (``GPRIOR``) and per-(s, c) dweight/dbias
     partials (``GPART``). ``DX`` has ``X``'s strides. The gain is a constant of the backward
@@ -303,8 +331,14 @@ def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NO
     cmask = c < C
     SC = S * C
     used = tl.load(FLAGS + 0) != 0
+    ren_r = tl.full([BC], 1.0, tl.float32)
+    ren_d = tl.zeros([BC], dtype=tl.float32)
+    if RENORM:  # Batch Renormalization's correction, constants of the backward
+        ren_r = tl.load(RD + s * C + c, mask=cmask, other=1.0)
+        ren_d = tl.load(RD + SC + s * C + c, mask=cmask, other=0.0)
     (mo, vo, mp, diff, mean, var, r, w, scale, shift, sd, zmean, zstd) = _combined(
-        STATS, W, B, s, c, cmask, S, C, used, gain, eps, PRIOR, HAS_W, HAS_B, NORMALIZED)
+        STATS, W, B, s, c, cmask, S, C, used, gain, eps, ren_r, ren_d, PRIOR, HAS_W, HAS_B,
+        NORMALIZED, RENORM)
     # pass 1: real rows sum g, sum g (x - mean_obs); shadow rows sum g, sum g noise
     tot = tl.zeros([BC, BL], dtype=tl.float32)
     dot = tl.zeros([BC, BL], dtype=tl.float32)
@@ -342,6 +376,8 @@ def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NO
         g_scale = ds - mean * tot
         g_mean = tot_s - scale * tot
         g_sd = dot_s
+    if RENORM:
+        w = w * ren_r  # scale = r ren_r w
     g_var = g_scale * w * (-0.5) * r * r * r
     g_var += tl.where(var >= TINY, g_sd * 0.5 / sd, 0.0)
     if HAS_GMV:  # gradients of the returned statistics
@@ -361,7 +397,10 @@ def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NO
             if PRIOR == 2:
                 tl.store(GPRIOR + 0 * SC + s * C + c, g_mp, mask=cmask)
                 tl.store(GPRIOR + 1 * SC + s * C + c, g_vp, mask=cmask)
-    tl.store(GPART + 0 * SC + s * C + c, g_scale * r, mask=cmask)  # dweight partial
+    dweight = g_scale * r
+    if RENORM:
+        dweight = dweight * ren_r + ren_d * tot
+    tl.store(GPART + 0 * SC + s * C + c, dweight, mask=cmask)  # dweight partial
     tl.store(GPART + 1 * SC + s * C + c, g_shift, mask=cmask)      # dbias partial
     # pass 2: dx = g scale + x b + c (re-reads this program's slab, in L2)
     n = m * L

@@ -45,7 +45,7 @@ if _INTERPRET or torch.cuda.is_available():  # only where a kernel can run: no i
         triton = None
 
 __all__ = ["available", "supports", "supports_options", "supports_buffers", "training_step",
-           "update_buffers", "torch_noise"]
+           "update_buffers", "batch_renorm", "torch_noise"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state = {"torch_noise": False, "ops": False}
@@ -132,7 +132,10 @@ def _direct(kernel):
 
 def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                   real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                  guard_threshold, measured, launch=_direct):
+                  guard_threshold, measured, launch=_direct, renorm=None):
+    """``renorm``: ``(running_mean, running_var, limits, rd)`` for Batch Renormalization (no
+    prior, no shadow rows): ``limits`` a float32 ``[2]`` tensor ``[r_max, d_max]`` or a pair of
+    floats, ``rd`` the ``[2, S, C]`` float32 output of the correction ``(r, d)``."""
     x, sN, sC, sL = _strides(x)
     channels, length = x.shape[1], math.prod(x.shape[2:])
     m = real_rows // groups
@@ -156,14 +159,19 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
     gains = stats.new_empty(0)
     if measured and prior_mode != K.NO_PRIOR:  # gain_rule="kalman"
         gains = _measured_gain(stats, m * length, gain, launch)
+    rm, rv, limits, rd = renorm if renorm is not None else (dummy, dummy, (0.0, 0.0), dummy)
+    lim_ptr = isinstance(limits, Tensor)
+    rmax, dmax = (0.0, 0.0) if lim_ptr else limits
     launch(K.apply_kernel)[grid](
         x, y, sN, sC, sL, ySN, ySC, ySL, stats, part, flags,
         dummy if weight is None else weight, dummy if bias is None else bias, meanvar,
-        dummy if noise is None else noise, seed, gains,
-        groups, channels, length, m, shadow_rows, real_rows, gain, eps, guard_threshold,
+        dummy if noise is None else noise, seed, gains, rm, rv, limits if lim_ptr else dummy,
+        rd, groups, channels, length, m, shadow_rows, real_rows, gain, eps, guard_threshold,
+        float(rmax), float(dmax),
         PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
         NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None,
-        GAIN_FROM_PTR=gains.numel() > 0, RB=256, BC=bc, BL=bl,
+        GAIN_FROM_PTR=gains.numel() > 0, RENORM=renorm is not None, LIM_FROM_PTR=lim_ptr,
+        RB=256, BC=bc, BL=bl,
     )
     return y, stats, meanvar, flags, gains
 
@@ -192,7 +200,7 @@ def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
 
 def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, grad_meanvar,
                    real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                   prior_grad, launch=_direct):
+                   prior_grad, launch=_direct, rd=None):
     x, sN, sC, sL = _strides(x)
     grad_y, gSN, gSC, gSL = _strides(grad_y)
     channels, length = x.shape[1], math.prod(x.shape[2:])
@@ -208,14 +216,14 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, gr
     launch(K.backward_kernel)[grid](
         x, grad_y, dx, sN, sC, sL, gSN, gSC, gSL, stats, flags,
         dummy if weight is None else weight, dummy if bias is None else bias,
-        dummy if noise is None else noise, seed, gains,
+        dummy if noise is None else noise, seed, gains, dummy if rd is None else rd,
         dummy if grad_meanvar is None else grad_meanvar, gpart,
         gprior if gprior.numel() else dummy,
         groups, channels, length, m, shadow_rows, real_rows, kin, gain, eps,
         PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
         NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None,
         GAIN_FROM_PTR=gains.numel() > 0, PRIOR_GRAD=prior_grad,
-        HAS_GMV=grad_meanvar is not None, BC=bc, BL=bl,
+        HAS_GMV=grad_meanvar is not None, RENORM=rd is not None, BC=bc, BL=bl,
     )
     return dx, gpart.sum(dim=1), gprior
 
@@ -283,6 +291,54 @@ class _EagerStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_stats, grad_meanvar, _grad_flags, _grad_gains):
         return _backward_common(ctx, grad_y, grad_meanvar, _backward_impl)
+
+
+class _EagerRenorm(torch.autograd.Function):
+    """Batch Renormalization in eager mode: the kernels of a step without prior, the correction
+    ``(r, d)`` computed and applied by the apply kernel and kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, limits, groups, eps):
+        rd = torch.empty((2, groups, x.shape[1]), dtype=torch.float32, device=x.device)
+        seed = torch.empty(1, dtype=torch.int64, device=x.device)  # no shadow rows: not read
+        y, stats, meanvar, flags, gains = _forward_impl(
+            x, weight, bias, None, None, None, seed, None, x.shape[0], groups, 0, K.NO_PRIOR,
+            False, 0.0, eps, 0.0, False, renorm=(running_mean, running_var, limits, rd))
+        ctx.save_for_backward(x, stats, flags, weight, bias, seed, gains, rd)
+        ctx.groups, ctx.eps = groups, eps
+        return y, meanvar
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_meanvar):
+        from .cpu_fused import first_order_only
+
+        first_order_only("triton")
+        x, stats, flags, weight, bias, seed, gains, rd = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_meanvar is not None:
+            grad_meanvar = grad_meanvar.contiguous()
+        dx, gwb, _ = _backward_impl(
+            grad_y, x, stats, flags, weight, bias, seed, None, gains, grad_meanvar, x.shape[0],
+            ctx.groups, 0, K.NO_PRIOR, False, 0.0, ctx.eps, False, rd=rd)
+        return (dx, None if weight is None else gwb[0].to(weight.dtype),
+                None if bias is None else gwb[1].to(bias.dtype)) + (None,) * 5
+
+
+def batch_renorm(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                 weight: Optional[Tensor], bias: Optional[Tensor], groups: int,
+                 r_max, d_max, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch Renormalization in training mode by the kernels, eager mode; same arguments and
+    result as :func:`kalmannorm.batchrenorm.batch_renorm` with running statistics (``r_max``,
+    ``d_max`` floats or 0-dim tensors, read on the device)."""
+    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
+        limits = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(())
+                              for v in (r_max, d_max)])
+    else:
+        limits = (float(r_max), float(d_max))
+    y, meanvar = _EagerRenorm.apply(x, weight, bias, running_mean, running_var, limits, groups,
+                                    eps)
+    return y, meanvar[0], meanvar[1]
 
 
 if triton is not None:
