@@ -38,7 +38,7 @@ def test_detection_backbone_recipe_trains_through_the_loss_dict():
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    counts = kn.guard_counts(model)
+    counts = kn.guard_report(model)
     assert counts["priors"] > 0  # every BKN layer after the first received a prediction
     # the trained weights load strictly into the original BatchNorm model; eval outputs match
     model.eval()
