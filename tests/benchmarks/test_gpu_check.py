@@ -40,3 +40,50 @@ def test_cpu_smoke_run_writes_a_record(tmp_path):
     assert record["sections"]["repeatability"]["result"]["bitwise_equal"] is True
     assert record["sections"]["bandwidth"]["result"]["copy_bytes_per_s"] > 0
     assert record["sections"]["compile"] == {"skipped": "asked"}
+
+
+def test_host_path_benchmark_writes_a_record_and_its_table(tmp_path):
+    pytest.importorskip("triton")
+    from benchmarks import host_path
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{host_path.BEGIN}\nold\n{host_path.END}\nafter\n")
+    out = tmp_path / "host.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "host_path.py"), "--repeats", "2",
+         "--inner", "2", "--out", str(out), "--doc", str(doc)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"batchnorm", "bkn_prior", "bkn_prior_fixed_gain",
+                                      "bkn_shadow", "ghost_bn", "batch_renorm"}
+    assert all(r["median_us"] > 0 for r in record["results"].values())
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("before") and text.endswith("after\n")
+    assert "| bkn_prior |" in text
+
+
+def test_without_launches_skips_every_kernel_and_restores(monkeypatch):
+    pytest.importorskip("triton")
+    import torch
+
+    import kalmannorm as kn
+    from kalmannorm.functional import triton_ops
+
+    calls = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(grid)
+
+    for name in ("stats_kernel", "apply_kernel", "buffers_kernel"):
+        monkeypatch.setattr(triton_ops.K, name, Spy())
+    layer = kn.BatchKalmanNorm2d(3, micro_batch=2)
+    x = torch.randn(4, 3, 2, 2)
+    with kn.use_backend("triton"):
+        with triton_ops.without_launches():
+            layer.forward_with_prior(x, None, 2)
+        assert calls == []
+        layer.forward_with_prior(x, None, 2)
+    assert len(calls) == 3  # stats, apply, buffers

@@ -405,3 +405,11 @@ def test_batch_renorm_module_uses_the_kernels_and_trains_like_composite():
         outs[backend] = record + [layer.running_mean, layer.running_var]
     for a, e in zip(outs["triton"], outs["composite"]):
         _close(a, e, torch.float32)
+
+
+def test_host_helpers_equal_tritons():
+    """The plain-Python tile helpers (triton's are constexpr functions, costly on the host)."""
+    import triton
+
+    assert all(triton_ops._pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(triton_ops._cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))

@@ -48,7 +48,7 @@ __all__ = ["available", "supports", "supports_options", "supports_buffers", "tra
            "update_buffers", "batch_renorm", "torch_noise"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_state = {"torch_noise": False, "ops": False}
+_state = {"torch_noise": False, "ops": False, "no_launch": False}
 
 
 def available() -> bool:
@@ -85,6 +85,16 @@ def torch_noise() -> Iterator[None]:
         _state["torch_noise"] = previous
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two ``>= n`` (``n >= 1``). Plain Python: triton's own helpers are
+    constexpr functions whose host-side calls cost about 10 us each, several times per step."""
+    return 1 << (n - 1).bit_length()
+
+
 def _strides(t: Tensor) -> Tuple[Tensor, int, int, int]:
     """``t`` (or a dense copy) and its row, channel and position strides: the positions of a
     ``[N, C, *spatial]`` tensor must be one strided axis (contiguous or channels-last)."""
@@ -108,14 +118,14 @@ def _blocks(x: Tensor, sC: int, groups: int) -> Tuple[int, int]:
     # enough programs to fill a GPU; the interpreter runs programs one by one, so fewer there
     min_programs = 1 if _INTERPRET else 256
     if sC == 1 and length > 1:  # channels-last: tiles run along the contiguous channels
-        bc = min(triton.next_power_of_2(channels), 32)
-        while bc > 8 and groups * triton.cdiv(channels, bc) < min_programs:
+        bc = min(_pow2(channels), 32)
+        while bc > 8 and groups * _cdiv(channels, bc) < min_programs:
             bc //= 2
-        bl = max(1, min(triton.next_power_of_2(length), 2048 // bc))
+        bl = max(1, min(_pow2(length), 2048 // bc))
     else:
-        bl = min(triton.next_power_of_2(length), 512)
-        bc = max(1, min(triton.next_power_of_2(channels), 2048 // bl))
-        while bc > 1 and groups * triton.cdiv(channels, bc) < min_programs:
+        bl = min(_pow2(length), 512)
+        bc = max(1, min(_pow2(channels), 2048 // bl))
+        while bc > 1 and groups * _cdiv(channels, bc) < min_programs:
             bc //= 2
     return bc, bl
 
@@ -125,9 +135,29 @@ def _use_ops() -> bool:
     return torch.compiler.is_compiling() or _state["ops"]
 
 
+class _Skip:
+    """A launcher that launches nothing (:func:`without_launches`)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
 def _direct(kernel):
     """Eager launches call the JIT kernel itself (``wrap_triton`` is for traced calls)."""
-    return kernel
+    return _Skip() if _state["no_launch"] else kernel
+
+
+@contextlib.contextmanager
+def without_launches() -> Iterator[None]:
+    """Benchmarks: eager steps do everything but launch the kernels (outputs are left
+    uninitialised), so that the host time of the library's own path (dispatch, module, autograd
+    node, allocations, tile choice) can be measured anywhere, the Triton launcher excluded."""
+    previous = _state["no_launch"]
+    _state["no_launch"] = True
+    try:
+        yield
+    finally:
+        _state["no_launch"] = previous
 
 
 def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
@@ -142,7 +172,7 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
     kin = (x.shape[0] - real_rows) // groups
     y, ySN, ySC, ySL = _strides(_empty_rows(x, real_rows + groups * shadow_rows, sC))
     bc, bl = _blocks(x, sC, groups)
-    grid = (groups, triton.cdiv(channels, bc))
+    grid = (groups, _cdiv(channels, bc))
     nprog = grid[0] * grid[1]
     stats = torch.empty((4, groups, channels), dtype=torch.float32, device=x.device)
     part = torch.empty((3, nprog), dtype=torch.float32, device=x.device)
@@ -182,10 +212,10 @@ def _measured_gain(stats: Tensor, count: int, gain: float, launch=_direct) -> Te
     ``count``: values behind one group's observed statistics."""
     groups, channels = stats.shape[1:]
     out = stats.new_empty(1)
-    sb = triton.next_power_of_2(groups)
+    sb = _pow2(groups)
     launch(K.gain_kernel)[(1,)](
         stats, out, groups, channels, 2.0 / max(count - 1, 1) + 1.0 / count, gain,
-        GROUPED=groups >= 2, SB=sb, BC=max(1, min(triton.next_power_of_2(channels), 4096 // sb)))
+        GROUPED=groups >= 2, SB=sb, BC=max(1, min(_pow2(channels), 4096 // sb)))
     return out
 
 
@@ -208,7 +238,7 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, gr
     kin = (x.shape[0] - real_rows) // groups
     dx = torch.empty_like(x)
     bc, bl = _blocks(x, sC, groups)
-    grid = (groups, triton.cdiv(channels, bc))
+    grid = (groups, _cdiv(channels, bc))
     gpart = torch.empty((2, groups, channels), dtype=torch.float32, device=x.device)
     gprior = torch.empty((2, groups, channels) if prior_mode == K.GIVEN_PRIOR and prior_grad
                          else (0,), dtype=torch.float32, device=x.device)
@@ -234,7 +264,7 @@ def _buffers_impl(running_mean, running_var, num_batches_tracked, guard_counters
     launch(K.buffers_kernel)[(1,)](
         mean, var, used, available, running_mean, running_var, num_batches_tracked,
         guard_counters, groups, channels, momentum, unbias, TRACK=track, GROUP0=group0,
-        BC=min(triton.next_power_of_2(channels), 1024),
+        BC=min(_pow2(channels), 1024),
     )
 
 
