@@ -23,19 +23,18 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [os.path.join(_ROOT, "src"), _ROOT]
-import kalmannorm as kn  # noqa: E402
-from benchmarks.measure import machine, round_robin, summarize  # noqa: E402
-from kalmannorm.functional import triton_ops  # noqa: E402
 
 
 def measure(repeats: int, inner: int) -> dict:
+    """Imports torch and kalmannorm: call after ``TRITON_INTERPRET`` is set (see :func:`main`)."""
+    import torch
+    from torch import nn
+
+    import kalmannorm as kn
+    from benchmarks.measure import round_robin, summarize
+    from kalmannorm.functional import triton_ops
+
     torch.manual_seed(0)
     channels, m, n = 16, 2, 8
     groups = n // m
@@ -91,6 +90,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=50)
     args = parser.parse_args()
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    sys.path[:0] = [os.path.join(_ROOT, "src"), _ROOT]
+    import torch
+
+    import kalmannorm as kn
+    from benchmarks.measure import machine
+
     torch.set_num_threads(1)
     result = measure(args.repeats, args.inner)
     for name, r in result.items():

@@ -7,16 +7,18 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_report
+from benchmarks import gpu_report, host_path
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 RECORD = "docs/perf/gpu-check-h200-20261127.json"
 FOLLOWUP = "docs/perf/gpu-check-h100-20261127-followup.json"
+HOST_PATH = "docs/perf/host-path-cpu-20261127.json"
 
 
 @pytest.mark.parametrize("path,begin,end,render", [
     (RECORD, gpu_report.BEGIN, gpu_report.END, gpu_report.render),
     (FOLLOWUP, gpu_report.FOLLOWUP_BEGIN, gpu_report.FOLLOWUP_END, gpu_report.render_followup),
+    (HOST_PATH, host_path.BEGIN, host_path.END, host_path.render),
 ])
 def test_committed_records_regenerate_the_doc(path, begin, end, render):
     with open(os.path.join(ROOT, path)) as f:
@@ -44,8 +46,6 @@ def test_cpu_smoke_run_writes_a_record(tmp_path):
 
 def test_host_path_benchmark_writes_a_record_and_its_table(tmp_path):
     pytest.importorskip("triton")
-    from benchmarks import host_path
-
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{host_path.BEGIN}\nold\n{host_path.END}\nafter\n")
     out = tmp_path / "host.json"
