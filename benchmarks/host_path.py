@@ -10,7 +10,7 @@ launcher. It runs on the CPU under the Triton interpreter (``TRITON_INTERPRET=1`
 tiny shape, beside ``nn.BatchNorm2d`` on the same input (whose time there includes its compute)
 as a scale, in the same process and rounds.
 
-    python benchmarks/host_path.py [--out docs/perf/host-path-cpu-DATE.json] [--doc docs/gpu.md]
+    python benchmarks/host_path.py [--out RECORD.json] [--doc docs/gpu.md]   # records: docs/perf/
 
 ``--doc`` renders the record as the table between ``<!-- host-path:begin -->`` and
 ``<!-- host-path:end -->``.
