@@ -110,6 +110,12 @@ def renorm_correction(
     return r, d
 
 
+def _on_kernels(x: Tensor, backend: Optional[str] = None) -> bool:
+    """Whether the Triton kernels compute the step (eager mode; the compiler traces the
+    composite form)."""
+    return resolve_backend(x, backend) == "triton" and not torch.compiler.is_compiling()
+
+
 def batch_renorm(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -156,8 +162,7 @@ def batch_renorm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     _check_groups(x, groups)
-    if running_mean is not None and resolve_backend(x, backend) == "triton" \
-            and not torch.compiler.is_compiling():
+    if running_mean is not None and _on_kernels(x, backend):
         return triton_ops.batch_renorm(x, running_mean, running_var, weight, bias, groups,
                                        r_max, d_max, eps)
     mean, var = group_moments(x, groups)
@@ -242,6 +247,10 @@ class _BatchRenorm(_GroupedNorm):
             groups=groups, r_max=r_max, d_max=d_max, eps=self.eps,
         )
         # The running statistics are updated after they were used (Algorithm 1).
+        if _on_kernels(input):
+            triton_ops.update_running_stats(self.running_mean, self.running_var, step, mean, var,
+                                            self.momentum, count)
+            return y
         with torch.no_grad():
             step.add_(1)
             momentum = self.momentum

@@ -385,15 +385,17 @@ def test_batch_renorm_matches_composite(case):
         _close(a, e, dtype)
 
 
-def test_batch_renorm_module_uses_the_kernels_and_trains_like_composite():
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_batch_renorm_module_uses_the_kernels_and_trains_like_composite(momentum):
     """BatchRenorm2d past its warm-up: three steps per backend from the same state give the same
-    outputs, gradients and running statistics."""
+    outputs, gradients, running statistics and step count (the buffers by the buffers kernel;
+    ``momentum=None``: a cumulative average)."""
     torch.manual_seed(0)
     x = _inputs((8, 5, 3, 3), torch.float32).detach()
     outs = {}
     for backend in ("composite", "triton"):
         layer = kn.BatchRenorm2d(5, micro_batch=2, warmup_steps=0, ramp_steps=0, r_max=1.2,
-                                 d_max=0.3, momentum=0.3).to(DEVICE)
+                                 d_max=0.3, momentum=momentum).to(DEVICE)
         record = []
         with kn.use_backend(backend):
             for step in range(3):
@@ -402,6 +404,7 @@ def test_batch_renorm_module_uses_the_kernels_and_trains_like_composite():
                 (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)).sum() \
                     .backward()
                 record += [y.detach(), xi.grad, layer.weight.grad.clone()]
+        assert int(layer.num_batches_tracked) == 3
         outs[backend] = record + [layer.running_mean, layer.running_var]
     for a, e in zip(outs["triton"], outs["composite"]):
         _close(a, e, torch.float32)

@@ -58,7 +58,8 @@ def main(prior: int, dtype: str, flags: str) -> None:
     compile_for_hopper(K.backward_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
                        NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
                        PRIOR_GRAD=prior > 0, HAS_GMV=has_w, RENORM=prior == 0, **tile)
-    compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, BC=64)
+    compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, COUNT_GUARD=has_b,
+                       BC=64)
     compile_for_hopper(K.gain_kernel, GROUPED=has_w, SB=16 if has_b else 1, BC=256)
 
 

@@ -447,10 +447,11 @@ def _group_average(MEAN, VAR, c, cmask, S, C, unbias, GROUP0: tl.constexpr, BC: 
 
 @triton.jit
 def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, momentum,
-                   unbias, TRACK: tl.constexpr, GROUP0: tl.constexpr, BC: tl.constexpr):
+                   unbias, TRACK: tl.constexpr, GROUP0: tl.constexpr, COUNT_GUARD: tl.constexpr,
+                   BC: tl.constexpr):
     """One program: running averages of the combined statistics (left unchanged by a step with
-    a non-finite statistic anywhere, as the composite form), ``num_batches_tracked += 1`` and
-    the guard counters ``[fallbacks, priors offered]``."""
+    a non-finite statistic anywhere, as the composite form), ``num_batches_tracked += 1`` and,
+    with ``COUNT_GUARD``, the guard counters ``[fallbacks, priors offered]``."""
     if TRACK:
         bad = tl.zeros([BC], dtype=tl.int32)
         for c0 in range(0, C, BC):
@@ -470,7 +471,8 @@ def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, 
                 tl.store(RUN_VAR + c, _lerp(rv, sv, momentum).to(RUN_VAR.dtype.element_ty),
                          mask=cmask)
         tl.store(NBT, tl.load(NBT) + 1)
-    used = tl.load(USED) != 0
-    available = tl.load(AVAIL) != 0
-    tl.store(GUARD + 0, tl.load(GUARD + 0) + (available & ~used).to(tl.int64))
-    tl.store(GUARD + 1, tl.load(GUARD + 1) + available.to(tl.int64))
+    if COUNT_GUARD:
+        used = tl.load(USED) != 0
+        available = tl.load(AVAIL) != 0
+        tl.store(GUARD + 0, tl.load(GUARD + 0) + (available & ~used).to(tl.int64))
+        tl.store(GUARD + 1, tl.load(GUARD + 1) + available.to(tl.int64))

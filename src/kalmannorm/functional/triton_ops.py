@@ -45,7 +45,7 @@ if _INTERPRET or torch.cuda.is_available():  # only where a kernel can run: no i
         triton = None
 
 __all__ = ["available", "supports", "supports_options", "supports_buffers", "training_step",
-           "update_buffers", "batch_renorm", "torch_noise"]
+           "update_buffers", "batch_renorm", "update_running_stats", "torch_noise"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state = {"torch_noise": False, "ops": False, "no_launch": False}
@@ -259,12 +259,13 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, gr
 
 
 def _buffers_impl(running_mean, running_var, num_batches_tracked, guard_counters, mean, var,
-                  used, available, momentum, unbias, track, group0, launch=_direct):
+                  used, available, momentum, unbias, track, group0, launch=_direct,
+                  count_guard=True):
     groups, channels = mean.shape
     launch(K.buffers_kernel)[(1,)](
         mean, var, used, available, running_mean, running_var, num_batches_tracked,
         guard_counters, groups, channels, momentum, unbias, TRACK=track, GROUP0=group0,
-        BC=min(_pow2(channels), 1024),
+        COUNT_GUARD=count_guard, BC=min(_pow2(channels), 1024),
     )
 
 
@@ -460,6 +461,19 @@ def training_step(
         o.shadow_rows, prior_mode, o.normalized, float(o.gain), float(o.eps),
         float(o.guard_threshold), not o.detach_prior, o.gain_rule == "kalman")
     return StepResult(y, meanvar[0], meanvar[1], flags[0], flags[1])
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Tensor, mean: Tensor, var: Tensor,
+                         momentum: Optional[float], count: int) -> None:
+    """Batch Renormalization's buffers after a step by the kernels (eager), one launch:
+    ``num_batches_tracked += 1`` and :func:`.composite.update_running_stats` (``momentum=None``:
+    a cumulative average, which reads the count on the host as BatchNorm does)."""
+    if momentum is None:
+        momentum = 1.0 / (float(num_batches_tracked) + 1.0)
+    mean, var = mean.detach(), var.detach()
+    _buffers_impl(running_mean, running_var, num_batches_tracked, mean, mean, var, mean, mean,
+                  float(momentum), count / (count - 1), True, False, count_guard=False)
 
 
 def supports_buffers(mean: Tensor) -> bool:
