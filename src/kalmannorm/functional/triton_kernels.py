@@ -197,7 +197,7 @@ def _combined(STATS, W, B, s, c, cmask, S, C, used, gain, eps, ren_r, ren_d,
               PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               NORMALIZED: tl.constexpr, RENORM: tl.constexpr):
     """The ``[S, C]`` chain of one program's channels: Kalman update, affine, sample mean/std.
-    Recomputed in the backward from the saved statistics (a few flops per channel). With
+    Recomputed in the backward from the saved statistics (a few flops per channel).
     With ``RENORM`` (no prior) Batch Renormalization's constant correction ``(ren_r, ren_d)``
     sits between the normalization and the affine: ``((x - mean) r ren_r + ren_d) w + b``."""
     SC = S * C
@@ -286,7 +286,7 @@ def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEAN
         sd_b = tl.sqrt(tl.load(STATS + SC + s * C + c, mask=cmask, other=1.0) + eps)
         ren_r = tl.minimum(tl.maximum(sd_b / sigma, 1.0 / rmax), rmax)
         ren_d = (tl.load(STATS + s * C + c, mask=cmask, other=0.0)
-              - tl.load(RM + c, mask=cmask, other=0.0).to(tl.float32)) / sigma
+                 - tl.load(RM + c, mask=cmask, other=0.0).to(tl.float32)) / sigma
         ren_d = tl.minimum(tl.maximum(ren_d, -dmax), dmax)
         tl.store(RD + s * C + c, ren_r, mask=cmask)
         tl.store(RD + SC + s * C + c, ren_d, mask=cmask)
