@@ -117,6 +117,15 @@ def render(record: Dict, path: str) -> str:
     return "\n".join(out)
 
 
+def write_block(doc: str, begin: str, end: str, body: str) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of the file ``doc``."""
+    with open(doc) as f:
+        head, rest = f.read().split(begin)
+    tail = rest.split(end)[1]
+    with open(doc, "w") as f:
+        f.write(head + begin + "\n" + body + "\n" + end + tail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("record")
@@ -126,15 +135,9 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.record) as f:
         record = json.load(f)
-    with open(args.doc) as f:
-        doc = f.read()
     begin, end, fn = (FOLLOWUP_BEGIN, FOLLOWUP_END, render_followup) if args.followup else \
         (BEGIN, END, render)
-    head, rest = doc.split(begin)
-    _, tail = rest.split(end)
-    rel = os.path.relpath(args.record)
-    with open(args.doc, "w") as f:
-        f.write(head + begin + "\n" + fn(record, rel) + "\n" + end + tail)
+    write_block(args.doc, begin, end, fn(record, os.path.relpath(args.record)))
 
 
 if __name__ == "__main__":

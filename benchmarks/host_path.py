@@ -113,12 +113,9 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
         if args.doc:
-            with open(args.doc) as f:
-                head, rest = f.read().split(BEGIN)
-            tail = rest.split(END)[1]
-            with open(args.doc, "w") as f:
-                f.write(head + BEGIN + "\n" + render(record, os.path.relpath(args.out)) + "\n"
-                        + END + tail)
+            from benchmarks.gpu_report import write_block
+
+            write_block(args.doc, BEGIN, END, render(record, os.path.relpath(args.out)))
 
 
 if __name__ == "__main__":

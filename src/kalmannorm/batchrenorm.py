@@ -242,12 +242,19 @@ class _BatchRenorm(_GroupedNorm):
         r_max, d_max = renorm_limits(
             step, self.r_max, self.d_max, self.warmup_steps, self.ramp_steps
         )
-        y, mean, var = batch_renorm(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
-            groups=groups, r_max=r_max, d_max=d_max, eps=self.eps,
-        )
+        # One choice of kernels for the step and for the buffers after it.
+        on_kernels = _on_kernels(input)
+        if on_kernels:
+            y, mean, var = triton_ops.batch_renorm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, groups,
+                r_max, d_max, self.eps)
+        else:
+            y, mean, var = batch_renorm(
+                input, self.running_mean, self.running_var, self.weight, self.bias,
+                groups=groups, r_max=r_max, d_max=d_max, eps=self.eps, backend="composite",
+            )
         # The running statistics are updated after they were used (Algorithm 1).
-        if _on_kernels(input):
+        if on_kernels:
             triton_ops.update_running_stats(self.running_mean, self.running_var, step, mean, var,
                                             self.momentum, count)
             return y
