@@ -200,6 +200,7 @@ class _BatchRenorm(_GroupedNorm):
         d_max: float = 5.0,
         warmup_steps: int = 400,
         ramp_steps: int = 800,
+        running_stats: str = "group0",
     ) -> None:
         if r_max < 1.0:
             raise ValueError(f"r_max must be >= 1 (got {r_max})")
@@ -210,7 +211,7 @@ class _BatchRenorm(_GroupedNorm):
                 f"warmup_steps and ramp_steps must be >= 0 (got {warmup_steps} and {ramp_steps})"
             )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         micro_batch)
+                         micro_batch, running_stats)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = int(warmup_steps)
@@ -221,6 +222,7 @@ class _BatchRenorm(_GroupedNorm):
             super().extra_repr()
             + f", micro_batch={self.micro_batch}, r_max={self.r_max}, d_max={self.d_max}"
             + f", warmup_steps={self.warmup_steps}, ramp_steps={self.ramp_steps}"
+            + f", running_stats={self.running_stats!r}"
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -256,7 +258,8 @@ class _BatchRenorm(_GroupedNorm):
         # The running statistics are updated after they were used (Algorithm 1).
         if on_kernels:
             triton_ops.update_running_stats(self.running_mean, self.running_var, step, mean, var,
-                                            self.momentum, count)
+                                            self.momentum, count,
+                                            group0_only=self.running_stats == "group0")
             return y
         with torch.no_grad():
             step.add_(1)
@@ -265,7 +268,7 @@ class _BatchRenorm(_GroupedNorm):
                 momentum = step.to(torch.float32).reciprocal()
             update_running_stats(
                 self.running_mean, self.running_var, mean.detach(), var.detach(), momentum,
-                count=count,
+                count=count, group0_only=self.running_stats == "group0",
             )
         return y
 
@@ -284,9 +287,10 @@ _DOC = r"""Batch Renormalization over a {nd} input, statistics per group of ``mi
         y = \Big(\frac{{x - \mu_B}}{{\sigma_B}}\, r + d\Big)\, \gamma + \beta,
 
     with ``r`` and ``d`` treated as constants in the backward pass. Then
-    ``mu <- (1 - momentum) mu + momentum mean_s(mu_B)`` and the same for ``var`` with the
-    *unbiased* group variance (``n / (n - 1)``, ``n`` the values per group), as BatchNorm does;
-    the paper averages ``sigma_B`` instead.
+    ``mu <- (1 - momentum) mu + momentum mu_B[0]`` (group 0's statistics, as under DDP, which
+    gives every device rank 0's buffers; ``running_stats="all"`` averages the groups) and the
+    same for ``var`` with the *unbiased* group variance (``n / (n - 1)``, ``n`` the values per
+    group), as BatchNorm does; the paper averages ``sigma_B`` instead.
 
     Schedule (:func:`renorm_limits`), driven by ``num_batches_tracked`` (``t``, the training steps
     before this one): ``r_max_t = 1``, ``d_max_t = 0`` (exactly per-group BatchNorm) while
@@ -312,6 +316,11 @@ _DOC = r"""Batch Renormalization over a {nd} input, statistics per group of ``mi
         d_max: final limit on ``|d|``. Default: 5.
         warmup_steps: training steps of pure BatchNorm. Default: 400.
         ramp_steps: steps of the linear ramp after the warm-up. Default: 800.
+        running_stats: ``"group0"`` updates the running statistics from group 0 only, what a
+            DDP run does (every device starts a step with rank 0's buffers), so every group is
+            corrected towards the same running statistics and none reads another group's rows;
+            ``"all"`` averages the groups' statistics, smoother than any real device gets.
+            Default: ``"group0"``.
 
     Shape:
         - Input: {shape}; ``N`` a multiple of ``micro_batch``.

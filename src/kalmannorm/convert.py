@@ -232,10 +232,11 @@ def convert_batchnorm(
     guard_threshold: float = 100.0,
     detach_prior: bool = False,
     propagate: str = "normalized",
-    running_stats: str = "all",
+    running_stats: str = "group0",
     guard: str = "upper",
     gain_rule: str = "kalman",
     gain_warmup: int = 0,
+    decisions: str = "group",
     rows_per_group: Union[int, str, None] = None,
     min_prior_values: int = 16,
     generator: Optional[torch.Generator] = None,
@@ -260,7 +261,8 @@ def convert_batchnorm(
     Args:
         module: a model holding at least one BatchNorm layer.
         gain, micro_batch, guard_threshold, detach_prior, propagate, running_stats, guard,
-            gain_rule, gain_warmup: options of every new layer, see :class:`BatchKalmanNorm2d`.
+            gain_rule, gain_warmup, decisions: options of every new layer, see
+            :class:`BatchKalmanNorm2d`.
         rows_per_group, min_prior_values, generator, batch_input: options of the
             :class:`KalmanPredictor` (``rows_per_group="auto"`` picks the shadow rows from the
             smallest map).
@@ -300,7 +302,7 @@ def convert_batchnorm(
     options = dict(
         gain=gain, micro_batch=micro_batch, guard_threshold=guard_threshold,
         detach_prior=detach_prior, propagate=propagate, running_stats=running_stats,
-        guard=guard, gain_rule=gain_rule, gain_warmup=gain_warmup,
+        guard=guard, gain_rule=gain_rule, gain_warmup=gain_warmup, decisions=decisions,
     )
 
     def make(layer: nn.Module) -> Optional[nn.Module]:

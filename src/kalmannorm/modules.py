@@ -38,8 +38,13 @@ class _GroupedNorm(_NormBase):
     _input_dims: Tuple[int, ...] = ()
 
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                 micro_batch: Optional[int]) -> None:
+                 micro_batch: Optional[int], running_stats: str = "group0") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if running_stats not in RUNNING_STATS_MODES:
+            raise ValueError(
+                f"running_stats must be one of {RUNNING_STATS_MODES} (got {running_stats!r})"
+            )
+        self.running_stats = running_stats
         if micro_batch is not None and (
             isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1
         ):
@@ -114,22 +119,23 @@ class _BatchKalmanNorm(_GroupedNorm):
         guard_threshold: float = 100.0,
         detach_prior: bool = False,
         propagate: str = "normalized",
-        running_stats: str = "all",
+        running_stats: str = "group0",
         guard: str = "upper",
         gain_rule: str = "kalman",
         gain_warmup: int = 0,
+        decisions: str = "group",
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         micro_batch)
+                         micro_batch, running_stats)
         if not 0.0 <= float(gain) <= 1.0:
             raise ValueError(f"gain must be in [0, 1] (got {gain})")
         if not guard_threshold > 0:
             raise ValueError(f"guard_threshold must be positive (got {guard_threshold})")
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"propagate must be one of {PROPAGATE_MODES} (got {propagate!r})")
-        if running_stats not in RUNNING_STATS_MODES:
+        if decisions not in KF.DECISION_SCOPES:
             raise ValueError(
-                f"running_stats must be one of {RUNNING_STATS_MODES} (got {running_stats!r})"
+                f"decisions must be one of {KF.DECISION_SCOPES} (got {decisions!r})"
             )
         if guard not in KF.GUARD_MODES:
             raise ValueError(f"guard must be one of {KF.GUARD_MODES} (got {guard!r})")
@@ -147,7 +153,7 @@ class _BatchKalmanNorm(_GroupedNorm):
         self.guard_threshold = float(guard_threshold)
         self.detach_prior = detach_prior
         self.propagate = propagate
-        self.running_stats = running_stats
+        self.decisions = decisions
         # [fallbacks, priors offered]: how often the guard rejected an available prior. Not part
         # of the state dict, so BatchNorm checkpoints load unchanged.
         self.register_buffer(
@@ -162,7 +168,8 @@ class _BatchKalmanNorm(_GroupedNorm):
             f"{super().extra_repr()}, gain={self.gain}, micro_batch={self.micro_batch}, "
             f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
             f"propagate={self.propagate!r}, running_stats={self.running_stats!r}, "
-            f"guard={self.guard!r}, gain_rule={self.gain_rule!r}, gain_warmup={self.gain_warmup}"
+            f"guard={self.guard!r}, gain_rule={self.gain_rule!r}, gain_warmup={self.gain_warmup}, "
+            f"decisions={self.decisions!r}"
         )
 
     def _effective_gain(self):
@@ -220,6 +227,7 @@ class _BatchKalmanNorm(_GroupedNorm):
             guard_threshold=self.guard_threshold, shadow_rows=shadow_rows,
             shadow_prior=shadow_prior, normalized=self.propagate == "normalized",
             detach_prior=self.detach_prior, guard=self.guard, gain_rule=self.gain_rule,
+            decisions=self.decisions,
         )
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
                                   generator)
@@ -263,28 +271,37 @@ _DOC_OPTIONS = """
             The released code uses 0.9 for micro-batches and 0.05 for batch 128. Default: 0.9.
         micro_batch: rows per statistics group (``S = N / micro_batch`` groups of contiguous
             rows); ``None`` makes the whole batch one group. Default: ``None``.
-        guard_threshold: the prior is rejected for the whole layer when the mean of
-            ``var_prior / var_obs`` reaches this value or is not finite. Default: 100.
+        guard_threshold: a group's prior is rejected when the mean of ``var_prior /
+            var_obs`` over its channels reaches this value or is not finite (with
+            ``decisions="layer"``: the mean over all groups, for the whole layer). Default: 100.
         detach_prior: stop gradients through the prior (ablation). Default: ``False``.
         propagate: what the shadow rows carry to the next layer: ``"raw"`` samples the combined
             statistics of this layer's input (the released code), ``"normalized"`` the same
             samples after this layer's normalization and affine, on the scale the next layer
             really sees; measured to help from the first step (``docs/results/prior/``).
             Default: ``"normalized"``.
-        running_stats: ``"all"`` averages the combined statistics of all groups into the running
-            buffers; ``"group0"`` uses group 0 only (the released code). Default: ``"all"``.
+        running_stats: ``"group0"`` updates the running buffers from group 0's combined
+            statistics, what a DDP run over separate devices does (each device starts a step
+            with rank 0's buffers; also the released code's choice); ``"all"`` averages all
+            groups, smoother than any real device gets. Default: ``"group0"``.
         guard: ``"upper"`` rejects the prior when it over-estimates the variance (the released
             guard); ``"two_sided"`` decides on the geometric mean of ``var_prior / var_obs`` and
             rejects under-estimates by the same factor too. Default: ``"upper"``.
-        gain_rule: ``"kalman"`` weighs the prior by ``min(gain, a / d)`` per layer and step,
-            ``a`` the observation noise and ``d`` the measured prior-minus-observation error
-            (see :func:`kalmannorm.functional.measured_gain`): a prior is trusted by how well it
-            predicts; ``"fixed"`` weighs it by ``gain`` (the released code; the only rule the
-            fused CPU and Triton kernels implement, so it is faster there). Measured in
+        gain_rule: ``"kalman"`` weighs the prior by ``min(gain, a / d)`` per group and step,
+            ``a`` the group's observation noise (the spread of its rows' statistics) and ``d``
+            the measured prior-minus-observation error (see
+            :func:`kalmannorm.functional.measured_gain`): a prior is trusted by how well it
+            predicts; ``"fixed"`` weighs it by ``gain`` (the released code). Measured in
             ``docs/results/prior/``: a fixed 0.9 keeps a MobileNetV2 at chance where the
             measured gain trains it. Default: ``"kalman"``.
         gain_warmup: ramp the gain linearly from 0 over this many training steps (counted by
             ``num_batches_tracked``); 0 for none. Default: 0.
+        decisions: ``"group"`` takes the guard's and the measured gain's decisions per
+            statistics group from that group's own rows and prior, so each group behaves as a
+            device holding only its rows; ``"layer"`` decides once for the whole layer from all
+            groups (the released code's guard, for exact reproduction), which couples the
+            groups. Default: ``"group"``. The Triton kernels implement ``"layer"`` only; on
+            CUDA ``"group"`` runs the composite form.
 
     The running variance is unbiased (``count / (count - 1)`` with ``count`` the values per
     group); normalization uses the biased variance. Statistics are float32 for any input dtype.

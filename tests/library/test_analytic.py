@@ -500,7 +500,7 @@ def test_keyword_inputs_and_nested_outputs():
     model = AnalyticKalmanPredictor(Multi(), batch_input="x")
     out = model(torch.randn(4, 3, 6, 6), shift=torch.ones(1, 3, 1, 1))
     assert out["out"].shape == (4, 3, 6, 6) and out["features"][1] == 4
-    assert guard_report(model)["priors"] == 1
+    assert guard_report(model)["priors"] == 2  # one layer with a prior, one decision per group
 
 
 def test_wrapper_rules_match_kalman_predictor():
@@ -532,5 +532,5 @@ def test_non_finite_prior_is_rejected_without_nan_gradients():
     y, _ = _kalman_step(layer, state, torch.randn(4, 3, 4, 4), (mean * 1, var * 1))
     y.square().sum().backward()
     assert torch.isfinite(y).all()
-    assert layer.guard_counters.tolist() == [1, 1]  # rejected
+    assert layer.guard_counters.tolist() == [2, 2]  # both groups' priors rejected
     assert torch.equal(mean.grad, torch.zeros(2, 3)) and torch.equal(var.grad, torch.zeros(2, 3))

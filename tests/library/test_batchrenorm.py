@@ -53,7 +53,7 @@ def test_warmup_equals_per_group_batchnorm(cls, shape, limits):
         kw = dict(warmup_steps=5, ramp_steps=10)
     else:  # limits r_max = 1, d_max = 0 for good
         kw = dict(r_max=1.0, d_max=0.0, warmup_steps=0, ramp_steps=0)
-    layer = cls(3, momentum=0.1, micro_batch=2, **kw)
+    layer = cls(3, momentum=0.1, micro_batch=2, running_stats="all", **kw)
     _randomize_affine(layer, gen)
     weight = layer.weight.detach().clone().requires_grad_()
     bias = layer.bias.detach().clone().requires_grad_()
@@ -110,7 +110,8 @@ def test_active_correction_matches_hand_formula():
             [[0.0, 0.0, 0.0], [10.0, 11.0, 12.0]],
         ]
     )
-    layer = BatchRenorm1d(2, eps=0.0, momentum=0.5, micro_batch=2, warmup_steps=0, ramp_steps=0)
+    layer = BatchRenorm1d(2, eps=0.0, momentum=0.5, micro_batch=2, warmup_steps=0,
+                          ramp_steps=0, running_stats="all")
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([2.0, 0.5]))
         layer.bias.copy_(torch.tensor([1.0, -1.0]))
@@ -296,7 +297,8 @@ def test_batchnorm_state_dict_loads_and_round_trips():
 def test_bf16_autocast_float32_statistics():
     gen = torch.Generator().manual_seed(6)
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    layer = BatchRenorm2d(4, momentum=1.0, micro_batch=2, warmup_steps=0, ramp_steps=0)
+    layer = BatchRenorm2d(4, momentum=1.0, micro_batch=2, warmup_steps=0, ramp_steps=0,
+                          running_stats="all")
     x = torch.randn(8, 3, 6, 6, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = conv(x)

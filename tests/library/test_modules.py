@@ -51,7 +51,7 @@ def test_one_group_equals_batchnorm(bkn_cls, bn_cls, shape, momentum):
 
 @pytest.mark.parametrize("bkn_cls,bn_cls,shape", LAYERS)
 def test_gain_zero_is_per_group_batchnorm_with_averaged_buffers(bkn_cls, bn_cls, shape):
-    bkn = randomize(bkn_cls(3, gain=0.0, micro_batch=2))
+    bkn = randomize(bkn_cls(3, gain=0.0, micro_batch=2, running_stats="all"))
     rm0, rv0 = bkn.running_mean.clone(), bkn.running_var.clone()
     x = torch.randn(shape, requires_grad=True)
     y = bkn(x)
@@ -131,7 +131,7 @@ def test_standalone_training_warns_once_and_gain_zero_does_not_warn():
 def test_autocast_bfloat16_keeps_statistics_float32():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=1.0),
                         nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-    model = kn.convert_batchnorm(net, micro_batch=2)
+    model = kn.convert_batchnorm(net, micro_batch=2, running_stats="all")
     seen = []
     net[1].register_forward_pre_hook(lambda m, a: seen.append(a[0][:8].detach()))
     with torch.autocast("cpu", dtype=torch.bfloat16):

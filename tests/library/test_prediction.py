@@ -126,7 +126,7 @@ def test_shadow_rows_match_the_hand_threaded_reference(kernel):
             m.momentum = 1.0  # running buffers = this step's combined statistics
     # the reference threads the released code's raw statistics (method.md section 4)
     model = kn.convert_batchnorm(converted, gain=0.9, micro_batch=2, propagate="raw",
-                                 gain_rule="fixed")
+                                 gain_rule="fixed", decisions="layer", running_stats="all")
     layers = [m for m in model.modules() if isinstance(m, kn.BatchKalmanNorm2d)]
     spatial = {}
 
@@ -253,8 +253,8 @@ def test_keyword_inputs_nested_outputs_concatenation_and_pooling():
     assert out["logits"].shape == (6, 2) and out["pair"][0].shape == (6, 8)
     assert torch.equal(out["pair"][1], extra) and out["const"].shape == (3,)
     out["logits"].sum().backward()
-    # two first layers (a, b) have no prior; the concatenation's layer has one
-    assert kn.guard_report(model)["priors"] == 1
+    # two first layers (a, b) have no prior; the concatenation's layer has one (3 groups)
+    assert kn.guard_report(model)["priors"] == 3
 
 
 def test_mlp_with_batchnorm1d_gets_several_shadow_rows_per_group():
@@ -267,7 +267,7 @@ def test_mlp_with_batchnorm1d_gets_several_shadow_rows_per_group():
     y = model(torch.randn(8, 5))
     assert y.shape == (8, 3) and rows == [8 + 2 * 4]
     y.sum().backward()
-    assert kn.guard_report(model)["priors"] == 1
+    assert kn.guard_report(model)["priors"] == 2  # one layer with a prior, 2 groups
 
 
 def test_time_folded_into_batch():
@@ -286,7 +286,7 @@ def test_time_folded_into_batch():
     model = kn.convert_batchnorm(Video(), micro_batch=2)
     out = model(torch.randn(4, 3, 3, 6, 6))
     assert out.shape == (4, 4 * 36)
-    assert kn.guard_report(model)["priors"] == 1
+    assert kn.guard_report(model)["priors"] == 2  # the clips' 2 groups
 
 
 def test_unconverted_batchnorm_is_refused():

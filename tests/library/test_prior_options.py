@@ -219,7 +219,7 @@ def test_converted_model_trains_with_new_options(options):
         loss.backward()
         opt.step()
         assert torch.isfinite(loss)
-    assert kn.guard_report(model)["priors"] == 3
+    assert kn.guard_report(model)["priors"] == 3 * 4  # 3 steps, 4 groups
 
 
 def test_convert_refuses_bad_rows_options_before_touching_the_model():

@@ -98,7 +98,7 @@ class _Net(nn.Module):
         super().__init__()
         # the released options unless a case names others; the cases were
         # written when raw propagation was the default
-        options = {"gain_rule": "fixed", "propagate": "raw", **options}
+        options = {"gain_rule": "fixed", "propagate": "raw", "decisions": "layer", **options}
         bkn = lambda: kn.BatchKalmanNorm2d(channels, micro_batch=2, **options)  # noqa: E731
         self.n1, self.n2, self.n3 = bkn(), bkn(), bkn()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -158,9 +158,9 @@ def test_non_finite_shadow_row_rejects_the_prior_with_finite_gradients():
     results = {}
     for backend in ("composite", "triton"):
         torch.manual_seed(0)
-        layer = kn.BatchKalmanNorm2d(3, micro_batch=2, gain_rule="fixed")
+        layer = kn.BatchKalmanNorm2d(3, micro_batch=2, gain_rule="fixed", decisions="layer")
         model = kn.KalmanPredictor(nn.Sequential(
-            kn.BatchKalmanNorm2d(3, micro_batch=2, gain_rule="fixed"), layer))
+            kn.BatchKalmanNorm2d(3, micro_batch=2, gain_rule="fixed", decisions="layer"), layer))
         model.module[0].register_forward_hook(
             lambda m, a, out: out.index_fill(0, torch.tensor([4], device=out.device),
                                              float("inf")))

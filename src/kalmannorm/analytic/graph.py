@@ -50,9 +50,9 @@ def _kalman_step(
         prior = None
     else:
         # As prior_from_rows: non-finite moments (an overflow) are zeroed so that neither pass
-        # meets them, and the flag rejects the prior.
+        # meets them, and the flag rejects that group's prior.
         mean, var = prior
-        valid = torch.isfinite(mean.sum() + var.sum())
+        valid = torch.isfinite(mean + var).all(dim=1)
         prior = (torch.nan_to_num(mean, 0.0, 0.0, 0.0), torch.nan_to_num(var, 0.0, 0.0, 0.0))
     y, mean, var = layer.forward_with_prior(x, prior, state.groups, valid)
     if layer.propagate == "normalized":

@@ -19,6 +19,7 @@ import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor
 
 from .composite import (
+    DECISION_SCOPES,
     GAIN_RULES,
     GUARD_MODES,
     StepOptions,
@@ -27,6 +28,7 @@ from .composite import (
     group_moments,
     kalman_update,
     measured_gain,
+    row_spread,
     normalize,
     prior_from_rows,
     released_update,
@@ -52,6 +54,8 @@ __all__ = [
     "measured_gain",
     "GUARD_MODES",
     "GAIN_RULES",
+    "DECISION_SCOPES",
+    "row_spread",
     "released_update",
     "group_affine",
     "normalize",
@@ -89,6 +93,7 @@ def batch_kalman_norm(
     fused: Optional[bool] = None,
     guard: str = "upper",
     gain_rule: str = "fixed",
+    decisions: str = "layer",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch Kalman Normalization of one layer in training mode.
 
@@ -104,9 +109,9 @@ def batch_kalman_norm(
         gain: weight ``p`` on the prior (a float, or a 0-dim tensor such as a warm-up ramp,
             composite backend). Default: 0.9.
         eps: added to the variance. Default: 1e-5.
-        guard_threshold, guard, gain_rule: see :func:`kalman_update`. Defaults: 100,
-            ``"upper"``, ``"fixed"`` (the released update; the others run on the composite
-            backend).
+        guard_threshold, guard, gain_rule, decisions: see :func:`kalman_update`. Defaults:
+            100, ``"upper"``, ``"fixed"``, ``"layer"`` (the released update; the layers default
+            to per-group decisions).
         detach_prior: stop gradients through the prior (an ablation; the released code
             back-propagates through it). Default: ``False``.
         prior_valid: optional 0-dim bool tensor; false rejects the prior.
@@ -133,9 +138,11 @@ def batch_kalman_norm(
         raise ValueError(f"guard must be one of {GUARD_MODES} (got {guard!r})")
     if gain_rule not in GAIN_RULES:
         raise ValueError(f"gain_rule must be one of {GAIN_RULES} (got {gain_rule!r})")
+    if decisions not in DECISION_SCOPES:
+        raise ValueError(f"decisions must be one of {DECISION_SCOPES} (got {decisions!r})")
     options = StepOptions(real_rows=x.shape[0], groups=groups, gain=gain, eps=float(eps),
                           guard_threshold=float(guard_threshold), detach_prior=detach_prior,
-                          guard=guard, gain_rule=gain_rule)
+                          guard=guard, gain_rule=gain_rule, decisions=decisions)
     y, mean, var, used, _ = training_step(x, weight, bias, options, prior, prior_valid,
                                           backend=backend)
     return y, mean, var, used

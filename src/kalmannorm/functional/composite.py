@@ -31,6 +31,8 @@ __all__ = [
     "measured_gain",
     "GUARD_MODES",
     "GAIN_RULES",
+    "DECISION_SCOPES",
+    "row_spread",
     "group_affine",
     "normalize",
     "prior_from_rows",
@@ -49,6 +51,12 @@ GUARD_MODES = ("upper", "two_sided")
 #: ``"fixed"``: the weight on the prior is ``gain`` (the released code); ``"kalman"``: it is
 #: measured per layer and step by :func:`measured_gain`, at most ``gain``.
 GAIN_RULES = ("fixed", "kalman")
+#: Where the guard and the measured gain are decided. ``"group"``: per statistics group, from
+#: that group's own rows and prior only, so that a group behaves exactly as a device holding only
+#: its rows (the default of the layers). ``"layer"``: once for the whole layer from all groups
+#: (the released code's guard, and this library's earlier measured gain): a group's output then
+#: depends on the other groups' rows, which separate devices cannot see.
+DECISION_SCOPES = ("group", "layer")
 
 
 class StepOptions(NamedTuple):
@@ -65,9 +73,8 @@ class StepOptions(NamedTuple):
         normalized: the shadow rows carry samples of the normalized output (``"normalized"``
             propagation) instead of the combined statistics of the raw input.
         detach_prior: no gradient through the prior.
-        guard, gain_rule: see :func:`kalman_update`; ``gain`` may then be a 0-dim tensor (a
-            warm-up ramp). Backends other than this one implement the released update only
-            (``"upper"``, ``"fixed"``, a float gain): see :func:`released_update`.
+        guard, gain_rule, decisions: see :func:`kalman_update`; ``gain`` may be a 0-dim tensor
+            (a warm-up ramp). Each backend says which it implements (``supports_options``).
     """
 
     real_rows: int
@@ -81,13 +88,14 @@ class StepOptions(NamedTuple):
     detach_prior: bool = False
     guard: str = "upper"
     gain_rule: str = "fixed"
+    decisions: str = "layer"
 
 
 def released_update(options: StepOptions) -> bool:
-    """Whether ``options`` ask for the released code's update (a float gain, the upper guard,
-    the fixed gain rule), the one every backend implements."""
+    """Whether ``options`` ask for the released code's update (a float gain, the upper guard
+    decided for the whole layer, the fixed gain rule), the one every backend implements."""
     return options.guard == "upper" and options.gain_rule == "fixed" \
-        and not isinstance(options.gain, Tensor)
+        and options.decisions == "layer" and not isinstance(options.gain, Tensor)
 
 
 class StepResult(NamedTuple):
@@ -97,9 +105,10 @@ class StepResult(NamedTuple):
         y: the output, shadow rows included; ``x``'s shape and dtype.
         mean, var: combined statistics ``[S, C]`` (float32, float64 for float64 inputs), the
             start of the next layer's prediction.
-        used: 0-dim bool tensor, whether the prior was used.
-        available: 0-dim bool tensor, whether a prior was offered with a variance not zero
-            everywhere (what the guard counters count).
+        used: bool tensor, whether the prior was used: ``[S]``, one decision per group
+            (``decisions="group"``), or 0-dim (``"layer"``, or no prior offered).
+        available: bool tensor of ``used``'s shape, whether a prior was offered with a variance
+            not zero everywhere (what the guard counters count).
     """
 
     y: Tensor
@@ -159,14 +168,52 @@ def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
+def row_spread(x: Tensor, groups: int, var_obs: Tensor) -> Optional[Tensor]:
+    """The observation noise of each group's statistics, from the spread of its own rows.
+
+    A group's observed statistics average those of its ``m`` rows, so their noise is the
+    spread of the rows' statistics divided by ``m``. In the units of :func:`measured_gain`
+    (log-variance and standardized mean), per group ``s``::
+
+        a[s] = mean over channels of ( var_rows(log v_row) + var_rows(mu_row) / var_obs ) / m
+
+    with ``mu_row, v_row`` the mean and biased variance of each row over its positions and
+    ``var_rows`` the unbiased variance over the group's ``m`` rows. Each group reads only its
+    own rows, so a device holding only that group would compute the same value. It counts what
+    a sampling formula misses: how much whole images differ, and positions that are not
+    independent.
+
+    Args:
+        x: the real rows ``[N, C, *spatial]``.
+        groups: ``S``; must divide ``N``.
+        var_obs: the groups' observed variances ``[S, C]``.
+
+    Returns:
+        ``[S]`` (no gradient), or ``None`` with one row per group (``m = 1``: no spread to
+        measure).
+    """
+    m = _check_groups(x, groups)
+    if m < 2:
+        return None
+    with torch.no_grad():
+        mean_row, var_row = group_moments(x, x.shape[0])  # [N, C]
+        mean_row = mean_row.reshape(groups, m, -1)
+        log_row = var_row.clamp_min(_TINY).log().reshape(groups, m, -1)
+        spread = log_row.var(dim=1) + mean_row.var(dim=1) / var_obs.clamp_min(_TINY)
+        return spread.mean(dim=1) / m
+
+
 def measured_gain(
     mean_obs: Tensor,
     var_obs: Tensor,
     mean_prior: Tensor,
     var_prior: Tensor,
     count: int,
+    *,
+    decisions: str = "layer",
+    noise: Optional[Tensor] = None,
 ) -> Tensor:
-    """The weight on the prior that a Kalman filter would give it, measured per layer and step.
+    """The weight on the prior that a Kalman filter would give it, measured at every step.
 
     In log-variance and standardized-mean units the observed statistics of one group have a
     noise variance ``a`` and the prior an error variance ``e`` (its own sampling noise plus how
@@ -174,9 +221,14 @@ def measured_gain(
     prior-minus-observation difference estimates ``a + e`` (independent errors), so::
 
         d = mean((log var_prior - log var_obs)^2 + (mean_prior - mean_obs)^2 / var_obs)
-        a = spread of the groups' observations around their average (S >= 2 groups), or
-            2 / (count - 1) + 1 / count (a Gaussian sample of ``count`` values, S = 1)
         p = a / max(d, a)
+
+    ``decisions="group"``: ``d`` is the mean over the channels of each group, and ``a`` is the
+    group's own ``noise`` (:func:`row_spread`), or for one row per group the noise of a
+    Gaussian sample of ``count`` values, ``2 / (count - 1) + 1 / count``: one gain per group,
+    from that group alone. ``decisions="layer"`` (this library's 0.1 rule): ``d`` is the mean
+    over all groups and channels and ``a`` the spread of the groups' observations around their
+    average (the sampling formula for one group): one gain per layer, which reads every group.
 
     A prior as good as a second observation gets ``a / (2a) = 1/2``; one ten times worse than
     the observation noise gets about 0.1; a zero prior variance counts as the smallest float
@@ -186,21 +238,28 @@ def measured_gain(
     Args:
         mean_obs, var_obs, mean_prior, var_prior: ``[S, C]`` statistics.
         count: values behind one group's observed statistics (rows per group times positions).
+        decisions: ``"group"`` or ``"layer"`` (:data:`DECISION_SCOPES`). Default: ``"layer"``.
+        noise: ``[S]`` observation noise per group (``decisions="group"``), or ``None``.
 
     Returns:
-        A 0-dim float tensor in ``[0, 1]``.
+        ``[S]`` (``"group"``) or 0-dim (``"layer"``) float tensor in ``[0, 1]``.
     """
     with torch.no_grad():
         log_obs = var_obs.clamp_min(_TINY).log()
         log_prior = var_prior.clamp_min(_TINY).log()
         scale = var_obs.clamp_min(_TINY)
-        d = ((log_prior - log_obs).square() + (mean_prior - mean_obs).square() / scale).mean()
+        error = (log_prior - log_obs).square() + (mean_prior - mean_obs).square() / scale
         groups = var_obs.shape[0]
-        if groups >= 2:
+        sampling = torch.tensor(2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
+                                dtype=var_obs.dtype)
+        if decisions == "group":
+            d = error.mean(dim=1)
+            a = sampling.expand(groups) if noise is None else noise.to(d.dtype)
+        elif groups >= 2:
+            d = error.mean()
             a = (log_obs.var(dim=0) + mean_obs.var(dim=0) / scale.mean(dim=0)).mean()
         else:
-            a = torch.tensor(2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
-                             dtype=var_obs.dtype)
+            d, a = error.mean(), sampling
         p = a / torch.maximum(d, a)
         return torch.where(torch.isfinite(p), p, torch.zeros_like(p))
 
@@ -217,6 +276,8 @@ def kalman_update(
     guard: str = "upper",
     gain_rule: str = "fixed",
     count: Optional[int] = None,
+    decisions: str = "layer",
+    noise: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Combine the predicted and the observed statistics (method.md section 3).
 
@@ -226,11 +287,16 @@ def kalman_update(
         var  = p * var_prior  + (1 - p) * var_obs + p * (1 - p) * (mean_obs - mean_prior)^2
 
     the mean and variance of the mixture ``p * N(prior) + (1 - p) * N(obs)``. The guard of the
-    released code keeps the observed statistics for the whole layer when
-    ``mean(var_prior / var_obs) >= guard_threshold`` or that ratio is not finite (so a channel
-    with zero observed variance rejects it); a prior with a non-finite mean is rejected, and one
-    whose variance is zero everywhere is "no prior". The choice is a tensor ``where`` (no host
-    synchronisation), and the branch not taken receives exactly zero gradient.
+    released code keeps the observed statistics when ``mean(var_prior / var_obs) >=
+    guard_threshold`` or that ratio is not finite (so a channel with zero observed variance
+    rejects it); a prior with a non-finite mean is rejected, and one whose variance is zero
+    everywhere is "no prior". The choice is a tensor ``where`` (no host synchronisation), and
+    the branch not taken receives exactly zero gradient.
+
+    ``decisions`` says over what the guard (and the measured gain) decide: ``"layer"`` takes the
+    means over all groups and channels and decides once for the layer (the released code);
+    ``"group"`` takes them over each group's channels and decides per group, so that a group's
+    result depends on its own rows and prior only, as on a device that holds only that group.
 
     ``guard="two_sided"`` decides on the geometric mean instead and rejects under-estimates too:
     the prior is used when ``|mean(log(var_prior / var_obs))| < log(guard_threshold)``.
@@ -244,14 +310,19 @@ def kalman_update(
         gain: ``p`` in ``[0, 1]``, the weight on the prediction (a float or a 0-dim tensor,
             e.g. a warm-up ramp).
         guard_threshold: ratio at or above which the prior is rejected. Default: 100.
-        prior_valid: optional 0-dim bool tensor; false rejects the prior.
+        prior_valid: optional bool tensor, 0-dim or ``[S]`` (per group); false rejects the
+            prior (of that group, or with ``decisions="layer"`` of the layer).
         guard: ``"upper"`` (the released guard) or ``"two_sided"``. Default: ``"upper"``.
         gain_rule: ``"fixed"`` (the released code) or ``"kalman"``. Default: ``"fixed"``.
         count: values behind one group's observed statistics; needed by ``gain_rule="kalman"``
-            with a single group.
+            when no group has a measured spread (one group, or ``noise`` missing).
+        decisions: ``"layer"`` (the released code) or ``"group"``. Default: ``"layer"``.
+        noise: ``[S]`` observation noise of each group (:func:`row_spread`), for
+            ``gain_rule="kalman"`` with ``decisions="group"``.
 
     Returns:
-        ``(mean, var, used_prior)``: ``[S, C]`` float32 statistics and a 0-dim bool tensor.
+        ``(mean, var, used_prior)``: ``[S, C]`` float32 statistics and a bool tensor, ``[S]``
+        with ``decisions="group"``, else 0-dim.
     """
     if not isinstance(gain, Tensor) and not 0.0 <= gain <= 1.0:
         raise ValueError(f"gain must be in [0, 1] (got {gain})")
@@ -259,32 +330,47 @@ def kalman_update(
         raise ValueError(f"guard must be one of {GUARD_MODES} (got {guard!r})")
     if gain_rule not in GAIN_RULES:
         raise ValueError(f"gain_rule must be one of {GAIN_RULES} (got {gain_rule!r})")
-    if gain_rule == "kalman" and mean_obs.shape[0] < 2 and count is None:
-        raise ValueError("gain_rule='kalman' with a single group needs count (values per group)")
+    if decisions not in DECISION_SCOPES:
+        raise ValueError(f"decisions must be one of {DECISION_SCOPES} (got {decisions!r})")
+    per_group = decisions == "group"
+    if gain_rule == "kalman" and count is None and (
+            noise is None if per_group else mean_obs.shape[0] < 2):
+        raise ValueError("gain_rule='kalman' without a measured spread needs count (values "
+                         "per group)")
+
+    def over(t: Tensor, reduce: str) -> Tensor:  # over each group's channels, or everything
+        return getattr(t, reduce)(dim=1) if per_group else getattr(t, reduce)()
+
     with torch.no_grad():
         if guard == "upper":
-            ratio = (var_prior / var_obs).mean()
+            ratio = over(var_prior / var_obs, "mean")
             used = torch.isfinite(ratio) & (ratio < guard_threshold)
         else:
-            log_ratio = (var_prior.clamp_min(_TINY) / var_obs.clamp_min(_TINY)).log().mean()
+            log_ratio = over((var_prior.clamp_min(_TINY) / var_obs.clamp_min(_TINY)).log(),
+                             "mean")
             used = torch.isfinite(log_ratio) & (log_ratio.abs() < math.log(guard_threshold))
-        used = used & (var_prior != 0).any() & torch.isfinite(mean_prior).all()
+        used = used & over(var_prior != 0, "any") & over(torch.isfinite(mean_prior), "all")
         if prior_valid is not None:
-            used = used & prior_valid
+            used = used & (prior_valid if per_group or prior_valid.dim() == 0
+                           else prior_valid.all())
+    keep = used[:, None] if per_group else used  # broadcast over the channels
     # A rejected prior (possibly inf/nan) is swapped out before any arithmetic, so the branch
     # not taken cannot turn its zero gradient into nan (0 * inf).
-    mean_prior = torch.where(used, mean_prior, mean_obs.detach())
-    var_prior = torch.where(used, var_prior, var_obs.detach())
+    mean_prior = torch.where(keep, mean_prior, mean_obs.detach())
+    var_prior = torch.where(keep, var_prior, var_obs.detach())
     if gain_rule == "kalman":
-        measured = measured_gain(mean_obs, var_obs, mean_prior, var_prior, count or 2)
+        measured = measured_gain(mean_obs, var_obs, mean_prior, var_prior, count or 2,
+                                 decisions=decisions, noise=noise)
         gain = torch.clamp(measured, max=gain) if not isinstance(gain, Tensor) \
             else torch.minimum(measured, gain.to(measured.dtype))
+        if per_group:
+            gain = gain[:, None]
     if isinstance(gain, Tensor):
         gain = gain.to(mean_obs.dtype)
     diff = mean_obs - mean_prior
     mean = torch.lerp(mean_obs, mean_prior, gain)
     var = torch.lerp(var_obs, var_prior, gain) + (gain * (1.0 - gain)) * diff.square()
-    return torch.where(used, mean, mean_obs), torch.where(used, var, var_obs), used
+    return torch.where(keep, mean, mean_obs), torch.where(keep, var, var_obs), used
 
 
 def group_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -332,18 +418,18 @@ def prior_from_rows(rows: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
     The prior of group ``s`` is the mean and biased variance over its shadow rows and their
     spatial positions. Non-finite values (an overflow under half precision, say) are replaced by
     zero before the moments are taken, so that neither the forward nor the backward pass meets
-    them, and the returned flag rejects the prior.
+    them, and the returned flag rejects that group's prior.
 
     Args:
         rows: shadow rows ``[S * K, C, *spatial]``, ``K`` rows per group.
         groups: ``S``.
 
     Returns:
-        ``(mean_prior, var_prior, valid)``: ``[S, C]`` float32 and a 0-dim bool tensor.
+        ``(mean_prior, var_prior, valid)``: ``[S, C]`` float32 and a ``[S]`` bool tensor.
     """
     finite = torch.isfinite(rows)
     mean, var = group_moments(torch.where(finite, rows, torch.zeros_like(rows)), groups)
-    return mean, var, finite.all()
+    return mean, var, finite.reshape(groups, -1).all(dim=1)
 
 
 def sample_rows(
@@ -413,6 +499,21 @@ def update_running_stats(
         running_var.copy_(torch.where(finite, new_var, running_var.to(new_var.dtype)))
 
 
+def observation_noise(real: Tensor, options: StepOptions, var_obs: Tensor) -> Optional[Tensor]:
+    """The per-group noise the measured gain needs (:func:`row_spread`), or ``None`` where the
+    options do not measure it (a fixed gain, or decisions for the whole layer)."""
+    if options.gain_rule != "kalman" or options.decisions != "group":
+        return None
+    return row_spread(real, options.groups, var_obs)
+
+
+def prior_offered(var_prior: Tensor, decisions: str) -> Tensor:
+    """Whether a prior was offered (what the guard counters count), per group or for the layer:
+    a prior whose variance is zero everywhere is no prior."""
+    offered = var_prior != 0
+    return offered.any(dim=1) if decisions == "group" else offered.any()
+
+
 def training_step(
     x: Tensor,
     weight: Optional[Tensor],
@@ -444,10 +545,10 @@ def training_step(
         mean, var, used = kalman_update(
             mean_obs, var_obs, mean_prior.to(mean_obs.dtype), var_prior.to(var_obs.dtype),
             o.gain, o.guard_threshold, prior_valid, guard=o.guard, gain_rule=o.gain_rule,
-            count=(o.real_rows // o.groups) * math.prod(x.shape[2:]),
+            count=(o.real_rows // o.groups) * math.prod(x.shape[2:]), decisions=o.decisions,
+            noise=observation_noise(real, o, var_obs),
         )
-        # A prior with zero variance everywhere is no prior (not counted by the guard counters).
-        available = (var_prior != 0).any()
+        available = prior_offered(var_prior, o.decisions)
     y = normalize(real, mean, var, weight, bias, o.eps)
     if o.shadow_rows:
         samples = sample_rows(mean, var, o.shadow_rows, tuple(x.shape[2:]), generator=generator)

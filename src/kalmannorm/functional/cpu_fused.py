@@ -31,7 +31,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .composite import StepOptions, StepResult, kalman_update, safe_std, stat_dtype
+from .composite import (StepOptions, StepResult, kalman_update, observation_noise,
+                        prior_offered, safe_std, stat_dtype)
 
 __all__ = ["supports", "supports_options", "preferred", "training_step"]
 
@@ -221,16 +222,16 @@ class _KalmanNormFunction(torch.autograd.Function):
         if shadow_prior:
             xs, ys = _rows(x[real_rows:], groups), _rows(y[real_rows:], groups)  # [S, K, C, L]
             mean_prior, var_prior = _moments_into(xs, ys)
-            # A non-finite shadow row (half-precision overflow) rejects the prior; its moments
-            # are swapped for zeros so that no inf/nan enters the arithmetic or the gradient.
-            finite = torch.isfinite(mean_prior).all() & torch.isfinite(var_prior).all()
+            # A non-finite shadow row (half-precision overflow) rejects its group's prior; its
+            # moments are swapped for zeros so that no inf/nan enters the arithmetic or gradient.
+            finite = torch.isfinite(mean_prior).all(dim=1) & torch.isfinite(var_prior).all(dim=1)
             valid = finite if valid is None else valid & finite
-            available = (var_prior != 0).any()
-            mean_prior = torch.where(finite, mean_prior, torch.zeros_like(mean_prior))
-            var_prior = torch.where(finite, var_prior, torch.zeros_like(var_prior))
+            available = prior_offered(var_prior, o.decisions)  # before the swap: nan != 0
+            mean_prior = torch.where(finite[:, None], mean_prior, torch.zeros_like(mean_prior))
+            var_prior = torch.where(finite[:, None], var_prior, torch.zeros_like(var_prior))
         has_prior = mean_prior is not None
         if has_prior and not shadow_prior:
-            available = (var_prior != 0).any()
+            available = prior_offered(var_prior, o.decisions)
         elif not has_prior:
             available = torch.zeros((), dtype=torch.bool, device=x.device)
 
@@ -244,9 +245,10 @@ class _KalmanNormFunction(torch.autograd.Function):
         mo, vo, mp, vp, w, b = leaves
         with torch.enable_grad():
             if has_prior:
-                mean, var, used = kalman_update(mo, vo, mp, vp, gain, guard_threshold, valid,
-                                                guard=o.guard, gain_rule=o.gain_rule,
-                                                count=count)
+                mean, var, used = kalman_update(
+                    mo, vo, mp, vp, gain, guard_threshold, valid, guard=o.guard,
+                    gain_rule=o.gain_rule, count=count, decisions=o.decisions,
+                    noise=observation_noise(x[:real_rows], o, var_obs))
             else:
                 mean, var = mo, vo
                 used = torch.zeros((), dtype=torch.bool, device=x.device)
@@ -362,11 +364,12 @@ class _KalmanNormFunction(torch.autograd.Function):
                 coef_s = 2.0 * g_vp / count_s
                 const_s = g_mp / count_s - coef_s * leaves[2].detach()
                 _affine_into(xs, coef_s, const_s, dxs)
-                # A non-finite row rejected the prior: its zero gradient must not become inf * 0.
+                # A non-finite row rejected its group's prior: its zero gradient must not become
+                # inf * 0 (valid is 0-dim or one flag per group).
                 if x.device.type != "cpu":
-                    dxs.masked_fill_(~valid, 0.0)
-                elif not bool(valid):  # reading a CPU flag costs no device synchronisation
-                    dxs.zero_()
+                    dxs.masked_fill_(~valid.reshape(-1, 1, 1, 1), 0.0)
+                elif not bool(valid.all()):  # reading a CPU flag costs no device synchronisation
+                    dxs.masked_fill_(~valid.reshape(-1, 1, 1, 1), 0.0)
             else:
                 dxs.zero_()
 

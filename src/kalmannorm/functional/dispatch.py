@@ -154,7 +154,8 @@ def training_step(
         if (backend or get_backend()) != "auto":
             raise ValueError(
                 f"the {name!r} backend does not implement these options (guard="
-                f"{options.guard!r}, gain_rule={options.gain_rule!r}, gain "
+                f"{options.guard!r}, gain_rule={options.gain_rule!r}, decisions="
+                f"{options.decisions!r}, gain "
                 f"{type(options.gain).__name__}); use the 'composite' or 'auto' backend"
             )
         name = "composite"
@@ -189,4 +190,6 @@ def update_buffers(
                 momentum = 1.0 / float(num_batches_tracked)
             composite.update_running_stats(running_mean, running_var, step.mean, step.var,
                                            momentum, count, group0_only)
-        guard_counters.add_(torch.stack([step.available & ~step.used, step.available]).long())
+        # one decision per group (or per layer): counted as such
+        guard_counters.add_(torch.stack([(step.available & ~step.used).sum(),
+                                         step.available.sum()]))

@@ -68,9 +68,9 @@ def supports(x: Tensor) -> bool:
 
 def supports_options(options: StepOptions) -> bool:
     """The released update and the measured gain (``gain_rule="kalman"``) with a float gain and
-    the released (upper) guard."""
+    the released (upper) guard, decided for the whole layer (``decisions="layer"``)."""
     return options.guard == "upper" and options.gain_rule in ("fixed", "kalman") \
-        and not isinstance(options.gain, Tensor)
+        and options.decisions == "layer" and not isinstance(options.gain, Tensor)
 
 
 @contextlib.contextmanager
@@ -465,7 +465,8 @@ def training_step(
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
                          num_batches_tracked: Tensor, mean: Tensor, var: Tensor,
-                         momentum: Optional[float], count: int) -> None:
+                         momentum: Optional[float], count: int,
+                         group0_only: bool = False) -> None:
     """Batch Renormalization's buffers after a step by the kernels (eager), one launch:
     ``num_batches_tracked += 1`` and :func:`.composite.update_running_stats` (``momentum=None``:
     a cumulative average, which reads the count on the host as BatchNorm does)."""
@@ -473,7 +474,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
         momentum = 1.0 / (float(num_batches_tracked) + 1.0)
     mean, var = mean.detach(), var.detach()
     _buffers_impl(running_mean, running_var, num_batches_tracked, mean, mean, var, mean, mean,
-                  float(momentum), count / (count - 1), True, False, count_guard=False)
+                  float(momentum), count / (count - 1), True, group0_only, count_guard=False)
 
 
 def supports_buffers(mean: Tensor) -> bool:
