@@ -46,9 +46,9 @@ def test_tiny_run_writes_complete_record(tmp_path):
     for entry in record["history"]:
         assert set(EPOCH_FIELDS) <= set(entry)
         assert 0 <= entry["test_error"] <= 1 and entry["train_loss"] > 0
-        # Every BKN layer but the first has a prior at every step.
-        # 7 BKN layers; each but the first has a prior at each of the 6 steps.
-        assert entry["guard_priors"] == 6 * 6 and 0 <= entry["guard_fallbacks"] <= entry["guard_priors"]
+        # 7 BKN layers; each but the first has a prior at each of the 6 steps, in each of the
+        # 8 groups (one guard decision per group).
+        assert entry["guard_priors"] == 6 * 6 * 8 and 0 <= entry["guard_fallbacks"] <= entry["guard_priors"]
     assert record["final"]["test_error"] == record["history"][-1]["test_error"]
     assert record["wall_time"] > 0
     assert len(steps_seen) == 12 and steps_seen[-1] == (1, 6, 16)
@@ -100,7 +100,11 @@ def test_resume_refuses_changed_config_and_existing_run(tmp_path):
 def test_true_small_batch_and_groupnorm(tmp_path):
     record = train(tiny(tmp_path, batch_size=2, limit_train=10, epochs=1, norm="groupnorm",
                         norm_options=dict(num_groups=2)))
-    assert record["steps_per_epoch"] == 5 and record["label"] == "GN, batch 2"
+    # the label derives from the configuration: GroupNorm's non-default option is in it
+    assert record["steps_per_epoch"] == 5 and record["label"] == "GN, batch 2, num_groups=2"
+    gn = record["normalization"]["layers"]
+    assert [(e["class"], e["options"]["num_groups"]) for e in gn] == [
+        ("kalmannorm.norms.GroupNorm", 2)] and record["normalization"]["predictor"] is None
 
 
 def test_config_errors():
@@ -244,3 +248,41 @@ def test_compile_trains_through_torch_compile(tmp_path, monkeypatch):
     assert record["complete"]
     assert record["history"][0]["train_loss"] == pytest.approx(
         eager["history"][0]["train_loss"], rel=1e-4)
+
+
+def test_record_carries_every_resolved_option_and_the_label_derives_from_them(tmp_path):
+    import kalmannorm as kn
+
+    record = train(tiny(tmp_path, norm="bkn", micro_batch=2, epochs=1,
+                        norm_options=dict(gain_rule="fixed")))
+    layers = record["normalization"]["layers"]
+    assert len(layers) == 1 and layers[0]["class"] == "kalmannorm.modules.BatchKalmanNorm2d"
+    assert layers[0]["count"] == 7
+    # every option of the layer is stored, defaults included, as the layer holds them
+    fresh = kn.BatchKalmanNorm2d(4, micro_batch=2, gain_rule="fixed")
+    for name, value in layers[0]["options"].items():
+        assert getattr(fresh, name) == value, name
+    assert {"gain", "gain_rule", "propagate", "guard", "decisions", "running_stats",
+            "micro_batch", "momentum", "eps"} <= set(layers[0]["options"])
+    assert record["normalization"]["predictor"]["options"]["rows_per_group"] == 1
+    assert record["label"] == "BKN, m=2, gain_rule=fixed"
+
+
+def test_report_never_merges_different_configurations_and_flags_repeated_seeds(tmp_path):
+    from kalmannorm.harness.report import summarize
+
+    runs = [train(tiny(tmp_path, "a", norm="ghost_batchnorm", micro_batch=2, epochs=1,
+                       label="BN, m=2")),
+            train(tiny(tmp_path, "b", norm="ghost_batchnorm", micro_batch=2, epochs=2,
+                       label="BN, m=2")),   # same label, another schedule
+            train(tiny(tmp_path, "c", norm="ghost_batchnorm", micro_batch=2, epochs=1,
+                       label="BN, m=2", threads=2))]  # a repeat of "a" (threads: run only)
+    rows = summarize(runs)
+    assert len(rows) == 2
+    assert [r["runs"] for r in rows] == [2, 1]
+    assert rows[0]["duplicate_seeds"] == [0] and rows[1]["duplicate_seeds"] == []
+    # the label says what sets the rows apart
+    assert rows[0]["label"] == "BN, m=2 [config.epochs=1, recipe.epochs=1]"
+    assert rows[1]["label"] == "BN, m=2 [config.epochs=2, recipe.epochs=2]"
+    from kalmannorm.harness.report import markdown_table
+    assert "1 (2 runs; seed 0 repeated)" in markdown_table(rows)

@@ -170,7 +170,23 @@ class TrainConfig:
         return dataclass_from_dict(RECIPES[self.recipe], options, f"{self.recipe!r} recipe")
 
     def resolved_label(self) -> str:
-        return self.label or default_label(self.norm, self.micro_batch, self.gain, self.batch_size)
+        """``label``, or one derived from the configuration: :func:`default_label` and every
+        option of the norm layer that differs from its default, the prediction when it is not
+        the sampled one, and ``bf16`` under ``amp``; so different methods get different
+        labels."""
+        if self.label:
+            return self.label
+        from .records import changed_options
+
+        layer = self.norm_layer()(8)
+        shown = ("micro_batch", "gain")
+        parts = [f"{k}={v}" for k, v in changed_options(layer).items() if k not in shown]
+        if self.prediction != "sampled" and hasattr(layer, "gain_rule"):
+            parts.append(f"{self.prediction} prediction")
+        if self.amp:
+            parts.append("bf16")
+        base = default_label(self.norm, self.micro_batch, self.gain, self.batch_size)
+        return ", ".join([base] + parts)
 
     def resolved_run_dir(self) -> str:
         if self.run_dir:

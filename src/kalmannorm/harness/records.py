@@ -15,7 +15,9 @@ guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
                  "terminated (SIGTERM)" | "non-finite training loss" | "error: ..."),
     history [{epoch, lr, steps, train_loss, train_error, test_loss, test_error, epoch_time,
               wall_time, guard_fallbacks, guard_priors}],  # errors are fractions in [0, 1]
-    final {train_loss, train_error, test_loss, test_error}
+    final {train_loss, train_error, test_loss, test_error},
+    normalization {layers [{class, count, options}], predictor {class, options} | null}
+        # every resolved option of every norm layer, defaults included (describe_normalization)
 
 Writes are atomic (temporary file + rename), so a killed run leaves the last complete record.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import inspect
 import json
 import os
 import platform
@@ -39,6 +42,8 @@ __all__ = [
     "atomic_path",
     "write_json",
     "read_record",
+    "describe_normalization",
+    "changed_options",
 ]
 
 SCHEMA = "kalmannorm.run/1"
@@ -162,3 +167,82 @@ def read_record(path: str) -> Dict[str, Any]:
     if missing:
         raise ValueError(f"{path} lacks record fields {missing}")
     return record
+
+
+# Options that describe the layer's size or place, not the method.
+_NOT_OPTIONS = ("self", "num_features", "num_channels", "device", "dtype", "module", "generator")
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _options(module: Any, defaults: bool = False) -> Dict[str, Any]:
+    """The constructor options of ``module`` read back from its attributes of the same names
+    (every class here stores its options so), defaults included; JSON scalars and lists. With
+    ``defaults``: the constructor's default values of the same options instead."""
+    options = {}
+    for cls in type(module).__mro__:
+        if cls is object or "__init__" not in vars(cls):
+            continue
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in _NOT_OPTIONS or name in options or param.kind in (
+                    param.VAR_POSITIONAL, param.VAR_KEYWORD) or not hasattr(module, name):
+                continue
+            value = param.default if defaults else getattr(module, name)
+            if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
+                value = list(value)
+            if isinstance(value, _SCALARS) or isinstance(value, list):
+                options[name] = value
+    return options
+
+
+def changed_options(module: Any) -> Dict[str, Any]:
+    """The options of ``module`` that differ from its constructor's defaults."""
+    defaults = _options(module, defaults=True)
+    return {k: v for k, v in _options(module).items()
+            if k not in defaults or defaults[k] != v}
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _norm_classes() -> tuple:
+    """The classes :func:`describe_normalization` reports: torch's and kalmannorm's norms."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def describe_normalization(model: Any, extra_classes: tuple = ()) -> Dict[str, Any]:
+    """Every resolved option of every normalization layer of ``model``, as a record stores it.
+
+    Layers with the same class and options are listed once with their ``count``, in order of
+    first appearance; options come from the layer itself (defaults included), so a record says
+    what ran even after the library's defaults change. A ``KalmanPredictor`` (or its analytic
+    subclass) around the model is described too.
+
+    Args:
+        model: the trained module (the predictor, or the bare model).
+        extra_classes: further classes to report (e.g. the class a norm factory builds).
+
+    Returns:
+        ``{"layers": [{"class", "count", "options"}], "predictor": {"class", "options"} | None}``.
+    """
+    classes = _norm_classes() + tuple(extra_classes)
+    layers: Dict[str, Dict[str, Any]] = {}
+    seen = set()
+    for module in model.modules():
+        if id(module) in seen or not isinstance(module, classes):
+            continue
+        seen.add(id(module))
+        entry = dict(cls=_qualname(module), options=_options(module))
+        key = json.dumps(entry, sort_keys=True)
+        layers.setdefault(key, dict(entry, count=0))["count"] += 1
+    predictor = None
+    for module in model.modules():
+        if type(module).__name__.endswith("KalmanPredictor"):
+            predictor = {"class": _qualname(module), "options": _options(module)}
+            break
+    return dict(layers=[{"class": e["cls"], "count": e["count"], "options": e["options"]}
+                        for e in layers.values()], predictor=predictor)

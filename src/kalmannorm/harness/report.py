@@ -1,21 +1,25 @@
 """Reports from run records: a markdown table and a plot of test error against epoch.
 
 Every number in a report comes from the records (:mod:`kalmannorm.harness.records`); nothing is typed.
-Runs are grouped by method label (plus architecture and dataset when several are present); a
-group's final test error is summarised by mean, sample standard deviation and range over seeds.
+Runs are grouped by their whole configuration (:func:`configuration`: every option that changes
+what a run computes, the norm layers' resolved options included), never by label alone; a
+group's final test error is summarised by mean, sample standard deviation and range over seeds,
+and seeds run twice are flagged.
 """
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import statistics
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .extras import require
 from .records import read_record
 
-__all__ = ["collect_records", "summarize", "markdown_table", "plot_test_error", "write_report"]
+__all__ = ["collect_records", "configuration", "group_runs", "summarize", "markdown_table",
+           "plot_test_error", "write_report"]
 
 
 def collect_records(paths: Iterable[str]) -> List[Dict[str, Any]]:
@@ -41,36 +45,82 @@ def collect_records(paths: Iterable[str]) -> List[Dict[str, Any]]:
     return records
 
 
-def _group_key(record: Dict[str, Any], with_arch: bool, with_data: bool) -> Tuple[str, ...]:
-    key = [record["label"]]
-    if with_arch:
-        key.append(record["config"]["arch"])
-    if with_data:
-        key.append(record["dataset"]["name"])
-    return tuple(key)
+# Record fields that do not change what a run computes: left out of the configuration key.
+_RUN_ONLY = ("seed", "label", "device", "threads", "eval_batch_size", "run_dir", "resume",
+             "overwrite", "time_limit", "progress", "data_dir", "download")
+
+
+def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(value, dict):
+        out: Dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(value, sort_keys=True)}
+
+
+def configuration(record: Dict[str, Any]) -> Dict[str, str]:
+    """What a run computed, flattened to ``{"config.norm": ..., "normalization.layers": ...}``:
+    the config without the seed and the fields that only say where and how it ran, the resolved
+    recipe, the data (name and sizes), the world size, and every resolved option of the norm
+    layers. A record from before the options were stored is keyed by its code commit too, since
+    its defaults cannot be recovered otherwise."""
+    config = {k: v for k, v in record["config"].items() if k not in _RUN_ONLY}
+    key: Dict[str, Any] = dict(config=config, recipe=record.get("recipe"),
+                               dataset=record["dataset"], world_size=record.get("world_size"))
+    if record.get("normalization") is not None:
+        key["normalization"] = record["normalization"]
+    else:
+        key["git_commit"] = record.get("git_commit")
+    return _flatten(key)
+
+
+def group_runs(records: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """Runs grouped by their whole :func:`configuration`, in order of appearance, keyed by a
+    label: the records' label, followed by what sets the group apart (``[config.epochs=5]``)
+    where different configurations carry the same label. Runs of different configurations are
+    never merged."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    keys: Dict[str, Dict[str, str]] = {}
+    for r in records:
+        conf = configuration(r)
+        ident = json.dumps(conf, sort_keys=True)
+        groups.setdefault(ident, []).append(r)
+        keys[ident] = conf
+    by_label: Dict[str, List[str]] = {}
+    for ident, runs in groups.items():
+        by_label.setdefault(runs[0]["label"], []).append(ident)
+    labelled: Dict[str, List[Dict[str, Any]]] = {}
+    for ident, runs in groups.items():
+        label = runs[0]["label"]
+        same = by_label[label]
+        if len(same) > 1:
+            fields = sorted({f for other in same for f in keys[other]
+                             if any(keys[o].get(f) != keys[other].get(f) for o in same)})
+            label += " [" + ", ".join(f"{f}={keys[ident].get(f, 'absent')}" for f in fields) + "]"
+        labelled[label] = runs
+    return labelled
 
 
 def summarize(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per method (label, and arch / dataset when they vary), in order of appearance.
+    """One row per configuration (:func:`group_runs`), in order of appearance.
 
-    Row fields: ``label, arch, dataset, seeds, epochs, complete, test_error_mean, test_error_std,
-    test_error_min, test_error_max, train_loss_mean, guard_fallback_rate`` (errors as fractions;
-    ``std`` is the sample standard deviation, ``None`` with a single seed).
+    Row fields: ``label, arch, dataset, seeds, runs, duplicate_seeds, epochs, complete,
+    test_error_mean, test_error_std, test_error_min, test_error_max, train_loss_mean,
+    guard_fallback_rate`` (errors as fractions; ``std`` is the sample standard deviation,
+    ``None`` with a single run; ``duplicate_seeds`` lists seeds run more than once).
     """
-    with_arch = len({r["config"]["arch"] for r in records}) > 1
-    with_data = len({r["dataset"]["name"] for r in records}) > 1
-    groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault(_group_key(r, with_arch, with_data), []).append(r)
     rows = []
-    for runs in groups.values():
+    for label, runs in group_runs(records).items():
         errors = [r["final"]["test_error"] for r in runs if r["final"].get("test_error") is not None]
         losses = [r["final"]["train_loss"] for r in runs if r["final"].get("train_loss") is not None]
         fallbacks = sum(e["guard_fallbacks"] for r in runs for e in r["history"])
         priors = sum(e["guard_priors"] for r in runs for e in r["history"])
+        seeds = [r["seed"] for r in runs]
         rows.append(dict(
-            label=runs[0]["label"], arch=runs[0]["config"]["arch"], dataset=runs[0]["dataset"]["name"],
-            seeds=len({r["seed"] for r in runs}), runs=len(runs),
+            label=label, arch=runs[0]["config"]["arch"], dataset=runs[0]["dataset"]["name"],
+            seeds=len(set(seeds)), runs=len(runs),
+            duplicate_seeds=sorted({s for s in seeds if seeds.count(s) > 1}),
             epochs=sorted({r["epochs_done"] for r in runs}),
             complete=sum(bool(r["complete"]) for r in runs),
             test_error_mean=statistics.fmean(errors) if errors else None,
@@ -98,8 +148,11 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         if row["complete"] < row["runs"]:
             epochs += f" ({row['runs'] - row['complete']} incomplete)"
         guard = "n/a" if row["guard_fallback_rate"] is None else f"{100 * row['guard_fallback_rate']:.1f}%"
+        seeds = str(row["seeds"])
+        if row.get("duplicate_seeds"):
+            seeds += f" ({row['runs']} runs; seed {', '.join(map(str, row['duplicate_seeds']))} repeated)"
         cells = [
-            row["label"], row["arch"], row["dataset"], str(row["seeds"]), epochs,
+            row["label"], row["arch"], row["dataset"], seeds, epochs,
             _fmt_pct(row["test_error_mean"]) + spread,
             f"{_fmt_pct(row['test_error_min'])}–{_fmt_pct(row['test_error_max'])}",
             "n/a" if row["train_loss_mean"] is None else f"{row['train_loss_mean']:.4f}", guard,
@@ -114,13 +167,8 @@ def plot_test_error(records: Sequence[Dict[str, Any]], path: str, title: Optiona
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_arch = len({r["config"]["arch"] for r in records}) > 1
-    with_data = len({r["dataset"]["name"] for r in records}) > 1
-    groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault(_group_key(r, with_arch, with_data), []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for key, runs in groups.items():
+    for label, runs in group_runs(records).items():
         by_epoch: Dict[int, List[float]] = {}
         for r in runs:
             for e in r["history"]:
@@ -130,7 +178,7 @@ def plot_test_error(records: Sequence[Dict[str, Any]], path: str, title: Optiona
             continue
         epochs = sorted(by_epoch)
         mean = [statistics.fmean(by_epoch[e]) for e in epochs]
-        line, = ax.plot(epochs, mean, label=" / ".join(key) + f" (n={len(runs)})")
+        line, = ax.plot(epochs, mean, label=f"{label} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
                             color=line.get_color(), alpha=0.2, linewidth=0)

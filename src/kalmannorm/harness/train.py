@@ -39,7 +39,8 @@ from .config import PREDICTIONS, RUNTIME_FIELDS, TrainConfig, default_label
 from .data import ImageData, epoch_batches, eval_batches, load_dataset
 from .models import build_model
 from .recipes import RECIPES, PaperRecipe, ShortRecipe, weight_decay_groups
-from .records import SCHEMA, atomic_path, git_info, now, repo_relative, versions, write_json
+from .records import (SCHEMA, atomic_path, describe_normalization, git_info, now, repo_relative,
+                      versions, write_json)
 
 # The run's building blocks live in recipes, config and callbacks; they are importable from here.
 __all__ = [
@@ -131,7 +132,8 @@ def _guard(model: nn.Module) -> Tuple[int, int]:
     return counts["fallbacks"], counts["priors"]
 
 
-def _new_record(config: TrainConfig, data: ImageData, model: nn.Module, recipe, device, world, steps) -> Dict[str, Any]:
+def _new_record(config: TrainConfig, data: ImageData, model: nn.Module, net: nn.Module, recipe, device, world,
+                steps) -> Dict[str, Any]:
     commit, dirty = git_info()
     return dict(
         schema=SCHEMA, label=config.resolved_label(), status="running", complete=False,
@@ -143,6 +145,7 @@ def _new_record(config: TrainConfig, data: ImageData, model: nn.Module, recipe, 
         run_dir=repo_relative(config.resolved_run_dir()), epochs_planned=recipe.epochs, epochs_done=0,
         steps_per_epoch=steps, started_at=now(), updated_at=now(), wall_time=0.0, resumed_at=[],
         stop_reason=None, history=[], final={},
+        normalization=describe_normalization(net, (type(config.norm_layer()(8)),)),
     )
 
 
@@ -324,7 +327,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
         steps = data.train_x.shape[0] // world // config.batch_size
         optimizer = torch.optim.SGD(weight_decay_groups(model, recipe.weight_decay), lr=0.0,
                                     momentum=recipe.momentum, nesterov=recipe.nesterov)
-        record = _new_record(config, data, model, recipe, device, world, steps)
+        record = _new_record(config, data, model, net, recipe, device, world, steps)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
