@@ -1,4 +1,4 @@
-"""The baselines (kalmannorm.baselines): timm's reference layers, float64 equations, faithfulness."""
+"""kalmannorm.baselines: against timm's layers, float64 equations, group-0 faithfulness."""
 import copy
 import functools
 import io
