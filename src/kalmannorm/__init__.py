@@ -10,6 +10,8 @@ here: ``docs/method.md``; the public API (``__all__``) is the table in ``README.
 """
 from . import functional, norms
 from .analytic import AnalyticKalmanPredictor
+from .baselines import (EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2d,
+                        fold_conv_weights, standardize_conv_weights)
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional.dispatch import get_backend, set_backend, use_backend
 from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, convert_batchnorm,
@@ -32,6 +34,8 @@ __all__ = [
     "get_norm_layer", "norm_names", "register_norm",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GroupNorm", "GroupNorm1", "InstanceGroupNorm",
+    "FilterResponseNorm2d", "EvoNormS0", "MovingAverageBatchNorm2d",
+    "standardize_conv_weights", "fold_conv_weights",
     "functional",
     "set_backend", "get_backend", "use_backend",
     "guard_report",

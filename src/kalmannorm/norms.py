@@ -18,6 +18,7 @@ from typing import Callable, Dict, Union
 
 from torch import nn
 
+from .baselines import EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2d
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 
@@ -103,6 +104,30 @@ def _ghost_batchnorm(bkn: type) -> Callable[..., nn.Module]:
     return functools.partial(bkn, gain=0.0)
 
 
+def _with_conv_weights(factory: Callable[..., nn.Module], mode: str) -> Callable[..., nn.Module]:
+    # A norm that needs standardized or centred convolution weights says so on its factory;
+    # build_model applies kalmannorm.standardize_conv_weights(model, mode).
+    declared = functools.partial(factory)
+    declared.conv_weights = mode
+    return declared
+
+
+def _bind(factory: Callable[..., nn.Module], kw: dict) -> Callable[..., nn.Module]:
+    """``factory`` with ``kw`` bound, keeping what the factory declares about itself.
+
+    ``functools.partial`` drops the attributes of what it wraps (a partial's own, or a
+    function's); they are copied over, and so is ``conv_weights`` of a class.
+    """
+    if not kw:
+        return factory
+    bound = functools.partial(factory, **kw)
+    if not isinstance(factory, type):
+        bound.__dict__.update(getattr(factory, "__dict__", {}))
+    if getattr(factory, "conv_weights", None) is not None:
+        bound.conv_weights = factory.conv_weights
+    return bound
+
+
 # Names are case-insensitive; an unsuffixed name is the 2d layer.
 _NORM_MAP: Dict[str, Callable[..., nn.Module]] = {
     "batchnorm": nn.BatchNorm2d,
@@ -128,6 +153,10 @@ _NORM_MAP: Dict[str, Callable[..., nn.Module]] = {
     "groupnorm": GroupNorm,
     "layernorm": GroupNorm1,
     "instancenorm": InstanceGroupNorm,
+    "groupnorm_ws": _with_conv_weights(GroupNorm, "standardize"),
+    "frn": FilterResponseNorm2d,
+    "evonorm_s0": EvoNormS0,
+    "mabn": MovingAverageBatchNorm2d,
 }
 
 
@@ -158,8 +187,14 @@ def get_norm_layer(name_or_class: Union[str, Callable[..., nn.Module]], **kw) ->
     Names (case-insensitive; ``2d`` is the default rank, ``1d``/``3d`` suffixes pick others):
     ``batchnorm`` (full-batch statistics), ``ghost_batchnorm`` (BatchNorm over groups of
     ``micro_batch`` rows), ``groupnorm``, ``layernorm`` (:class:`GroupNorm1`), ``instancenorm``
-    (:class:`InstanceGroupNorm`), ``batchrenorm``, ``bkn``. Keyword arguments are bound to the
-    layer's constructor.
+    (:class:`InstanceGroupNorm`), ``batchrenorm``, ``bkn``; and, from :mod:`kalmannorm.baselines`,
+    ``frn``, ``evonorm_s0``, ``mabn`` and ``groupnorm_ws`` (GroupNorm with standardized
+    convolution weights). Keyword arguments are bound to the layer's constructor.
+
+    A factory may declare ``conv_weights`` (``"standardize"`` for ``groupnorm_ws``, ``"center"``
+    for ``mabn``): the convolution weights the norm needs, which
+    ``kalmannorm.harness.models.build_model`` applies with
+    :func:`~kalmannorm.baselines.standardize_conv_weights`. Binding keyword arguments keeps it.
 
     Raises:
         ValueError: for an unknown name, listing the valid ones.
@@ -168,6 +203,8 @@ def get_norm_layer(name_or_class: Union[str, Callable[..., nn.Module]], **kw) ->
     >>> norm_layer = get_norm_layer("bkn", gain=0.9, micro_batch=2)
     >>> norm_layer(16).gain
     0.9
+    >>> get_norm_layer("groupnorm_ws", num_groups=4).conv_weights
+    'standardize'
     """
     if isinstance(name_or_class, str):
         factory = _NORM_MAP.get(name_or_class.lower())
@@ -181,7 +218,7 @@ def get_norm_layer(name_or_class: Union[str, Callable[..., nn.Module]], **kw) ->
         raise TypeError(
             f"norm must be a name, a class or a callable (got {type(name_or_class).__name__})"
         )
-    return functools.partial(factory, **kw) if kw else factory
+    return _bind(factory, kw)
 
 
 # Old names, importable for one more release (0.1 shadowed torch's different classes).

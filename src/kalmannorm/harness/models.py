@@ -338,6 +338,10 @@ def build_model(
         **options: ``stem`` and ``zero_init_residual`` for ``resnet*``; an option the
             architecture does not take raises ``ValueError``.
 
+    A ``norm_layer`` that declares ``conv_weights`` (``"standardize"``: registry name
+    ``groupnorm_ws``; ``"center"``: ``mabn``) gets every convolution of the model reparametrized
+    by ``kalmannorm.standardize_conv_weights(model, conv_weights)``.
+
     >>> import kalmannorm
     >>> model = build_model("preact_resnet32", 10, kalmannorm.get_norm_layer("groupnorm", num_groups=4))
     """
@@ -361,13 +365,20 @@ def build_model(
     if match.group(1) == "preact_resnet":
         if options:
             raise ValueError(f"{arch} takes no options {sorted(options)} (only width)")
-        return PreActResNet(depth, num_classes, norm_layer, in_channels,
-                            width=width or DEFAULT_WIDTH["preact_resnet"])
-    allowed = {"stem", "zero_init_residual"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise ValueError(f"{arch} got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
-    kind, layers = _RESNET_LAYOUTS[depth]
-    block = BasicBlock if kind == "basic" else Bottleneck
-    return ResNet(block, layers, num_classes, norm_layer, in_channels, width=width or DEFAULT_WIDTH["resnet"],
-                  **options)
+        model = PreActResNet(depth, num_classes, norm_layer, in_channels,
+                             width=width or DEFAULT_WIDTH["preact_resnet"])
+    else:
+        allowed = {"stem", "zero_init_residual"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise ValueError(f"{arch} got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
+        kind, layers = _RESNET_LAYOUTS[depth]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        model = ResNet(block, layers, num_classes, norm_layer, in_channels,
+                       width=width or DEFAULT_WIDTH["resnet"], **options)
+    conv_weights = getattr(norm_layer, "conv_weights", None)
+    if conv_weights is not None:
+        from kalmannorm import standardize_conv_weights
+
+        standardize_conv_weights(model, conv_weights)
+    return model
