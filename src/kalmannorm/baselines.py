@@ -27,10 +27,19 @@ from torch.nn.utils import parametrize
 from .functional import group_affine, stat_dtype
 from .modules import _GroupedNorm
 
-__all__ = ["FilterResponseNorm2d", "EvoNormS0", "MovingAverageBatchNorm2d",
+__all__ = ["fit_groups", "FilterResponseNorm2d", "EvoNormS0", "MovingAverageBatchNorm2d",
            "standardize_conv_weights", "fold_conv_weights", "CONV_WEIGHT_MODES"]
 
 CONV_WEIGHT_MODES = ("standardize", "center")
+
+
+def fit_groups(num_channels: int, num_groups: int) -> int:
+    """The largest number of groups, at most ``num_groups``, that divides ``num_channels``.
+
+    >>> fit_groups(48, 32), fit_groups(64, 32), fit_groups(8, 32)
+    (24, 32, 8)
+    """
+    return max(g for g in range(1, min(num_groups, num_channels) + 1) if num_channels % g == 0)
 
 
 def _check_channels(num_channels) -> int:
@@ -128,6 +137,8 @@ class EvoNormS0(nn.Module):
         num_channels: ``C``; must be a multiple of ``num_groups``.
         num_groups: groups of channels sharing a standard deviation. Default: 32.
         eps: added to the group variance. Default: ``1e-5``.
+        cap_groups: use the largest divisor of ``C`` that is at most ``num_groups``, as
+            :class:`~kalmannorm.GroupNorm` does, for narrow networks. Default: ``False``.
 
     Shape:
         ``[N, C, H, W]`` in and out.
@@ -137,11 +148,14 @@ class EvoNormS0(nn.Module):
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, cap_groups: bool = False) -> None:
         super().__init__()
         self.num_channels = _check_channels(num_channels)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int (got {num_groups!r})")
+        self.cap_groups = cap_groups
+        if cap_groups:
+            num_groups = fit_groups(num_channels, num_groups)
         if num_channels % num_groups:
             raise ValueError(f"{num_channels} channels do not split into num_groups={num_groups}"
                              "; pass a num_groups that divides the channel count")

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Union
 
 from torch import nn
 
-from .baselines import EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2d
+from .baselines import EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2d, fit_groups
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 
@@ -30,15 +30,24 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` with the channel count first: ``GroupNorm(num_channels, num_groups=32)``.
 
     Normalizes each sample over groups of ``num_channels / num_groups`` channels and all
-    positions; independent of the batch. The released CIFAR baseline uses 4 groups.
+    positions; independent of the batch. The released CIFAR baseline uses 4 groups, the GroupNorm
+    paper 32. ``cap_groups=True`` uses the largest divisor of ``num_channels`` that is at most
+    ``num_groups`` (:func:`fit_groups`), so that 32 groups can be asked of a narrow network
+    (layers of 8 channels get one channel per group, 48 get 24 groups).
 
     >>> GroupNorm(16, num_groups=4)(torch.randn(2, 16, 4, 4)).shape
     torch.Size([2, 16, 4, 4])
+    >>> GroupNorm(8, cap_groups=True).num_groups
+    8
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None) -> None:
+                 affine: bool = True, device=None, dtype=None, *,
+                 cap_groups: bool = False) -> None:
+        if cap_groups:
+            num_groups = fit_groups(num_channels, num_groups)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        self.cap_groups = cap_groups
 
 
 class GroupNorm1(GroupNorm):

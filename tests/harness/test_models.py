@@ -92,3 +92,22 @@ def test_bad_arch_lists_valid_names():
         build_model("preact_resnet21", 10)
     with pytest.raises(ValueError, match="unknown options"):
         build_model("resnet18", 10, stem="cifar", dropout=0.1)
+
+
+def test_mobilenet_v2_is_torchvision_s_network():
+    """The harness's MobileNetV2 (no torchvision needed) computes what torchvision's does: with
+    torchvision's weights loaded in order, the same eval outputs at width 0.5 and 1."""
+    import torchvision  # conftest makes it importable beside the CPU torch
+
+    for mult, name in ((0.5, "mobilenet_v2_w050"), (1.0, "mobilenet_v2")):
+        torch.manual_seed(0)
+        ours = build_model(name, 10)
+        theirs = torchvision.models.mobilenet_v2(num_classes=10, width_mult=mult)
+        values = list(theirs.state_dict().values())
+        keys = list(ours.state_dict())
+        assert [tuple(v.shape) for v in values] == [tuple(v.shape) for v in ours.state_dict().values()]
+        ours.load_state_dict(dict(zip(keys, values)))
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    with pytest.raises(ValueError, match="takes width_mult"):
+        build_model("mobilenet_v2_w050", 10, width=8)

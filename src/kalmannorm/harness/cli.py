@@ -123,6 +123,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... ({default('device')})")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay each training step's forward and backward as a CUDA graph")
     g.add_argument("--compile", action="store_true", default=None,
                    help="train through torch.compile (evaluation stays eager)")
     g.add_argument("--run-dir", help="default runs/<label>-seed<seed>; with several seeds, DIR/seed<seed>")

@@ -33,6 +33,8 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "InvertedResidual",
+    "MobileNetV2",
     "build_model",
     "list_architectures",
 ]
@@ -53,7 +55,7 @@ _RESNET_LAYOUTS = {
 _PREACT_DEPTHS = (20, 32, 44, 56, 110)  # named in help; any 6n + 2 is accepted
 ARCHITECTURES = tuple(f"preact_resnet{d}" for d in _PREACT_DEPTHS) + tuple(
     f"resnet{d}" for d in _RESNET_LAYOUTS
-)
+) + ("mobilenet_v2", "mobilenet_v2_w050")
 
 
 def list_architectures() -> List[str]:
@@ -318,7 +320,85 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    # torchvision's rounding of channel counts (never more than 10% below the value)
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection, each conv
+    followed by a norm (ReLU6 after the first two); a residual sum when shapes allow."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand: int,
+                 norm_layer: NormLayer) -> None:
+        super().__init__()
+        hidden = in_channels * expand
+        layers: List[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(in_channels, hidden, 1, bias=False), norm_layer(hidden),
+                       nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                   norm_layer(hidden), nn.ReLU6(),
+                   nn.Conv2d(hidden, out_channels, 1, bias=False), norm_layer(out_channels)]
+        self.conv = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018) with ``norm_layer=``: torchvision's layout, channel
+    rounding and initialisation (the same parameter shapes as
+    ``torchvision.models.mobilenet_v2(width_mult=...)``, tested), without torchvision.
+
+    Inverted residuals with depthwise convolutions and linear bottlenecks: the family where
+    priors propagated through depthwise convs are hardest (docs/results/prior/). On 32x32 inputs
+    the last maps are 1x1, as with torchvision's model.
+
+    Args:
+        num_classes: output logits.
+        norm_layer: ``norm_layer(num_channels) -> nn.Module``. Default: ``nn.BatchNorm2d``.
+        in_channels: image channels. Default: 3.
+        width_mult: channel multiplier. Default: 1.0.
+        dropout: before the classifier. Default: 0.2.
+    """
+
+    # expansion t, channels c, blocks n, first stride s
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int, norm_layer: Optional[NormLayer] = None,
+                 in_channels: int = 3, *, width_mult: float = 1.0, dropout: float = 0.2) -> None:
+        super().__init__()
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        channels = _make_divisible(32 * width_mult)
+        last = _make_divisible(1280 * max(1.0, width_mult))
+        layers: List[nn.Module] = [nn.Conv2d(in_channels, channels, 3, 2, 1, bias=False),
+                                   norm_layer(channels), nn.ReLU6()]
+        for t, c, n, s in self.SETTINGS:
+            out = _make_divisible(c * width_mult)
+            for i in range(n):
+                layers.append(InvertedResidual(channels, out, s if i == 0 else 1, t, norm_layer))
+                channels = out
+        layers += [nn.Conv2d(channels, last, 1, bias=False), norm_layer(last), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
 _ARCH_RE = re.compile(r"^(preact_resnet|resnet)(\d+)$")
+_MOBILENET_RE = re.compile(r"^mobilenet_v2(?:_w(\d{3}))?$")
 
 
 def build_model(
@@ -328,15 +408,17 @@ def build_model(
     """Build a classifier by name; every normalization comes from ``norm_layer``.
 
     Args:
-        arch: ``"preact_resnet{6n+2}"`` (``preact_resnet20``, ``32``, ``56``, ``110``, ...) or
-            ``"resnet{18,34,50,101,152}"``.
+        arch: ``"preact_resnet{6n+2}"`` (``preact_resnet20``, ``32``, ``56``, ``110``, ...),
+            ``"resnet{18,34,50,101,152}"``, or ``"mobilenet_v2"`` (:class:`MobileNetV2`;
+            ``mobilenet_v2_w050`` is width multiplier 0.5).
         num_classes: output logits.
         norm_layer: ``norm_layer(num_channels) -> nn.Module`` (see ``kalmannorm.get_norm_layer``);
             a registry name is resolved with ``kalmannorm.get_norm_layer``. Default: BatchNorm2d.
         in_channels: image channels. Default: 3.
         width: base width (default 16 for ``preact_resnet*``, 64 for ``resnet*``).
-        **options: ``stem`` and ``zero_init_residual`` for ``resnet*``; an option the
-            architecture does not take raises ``ValueError``.
+        **options: ``stem`` and ``zero_init_residual`` for ``resnet*``, ``width_mult`` and
+            ``dropout`` for ``mobilenet_v2``; an option the architecture does not take raises
+            ``ValueError``.
 
     A ``norm_layer`` that declares ``conv_weights`` (``"standardize"``: registry name
     ``groupnorm_ws``; ``"center"``: ``mabn``) gets every convolution of the model reparametrized
@@ -345,6 +427,22 @@ def build_model(
     >>> import kalmannorm
     >>> model = build_model("preact_resnet32", 10, kalmannorm.get_norm_layer("groupnorm", num_groups=4))
     """
+    mobile = _MOBILENET_RE.match(arch) if isinstance(arch, str) else None
+    if mobile:
+        if width is not None:
+            raise ValueError(f"{arch} takes width_mult (or the _w050 suffix), not width")
+        if isinstance(norm_layer, str):
+            from kalmannorm import get_norm_layer
+
+            norm_layer = get_norm_layer(norm_layer)
+        unknown = set(options) - {"width_mult", "dropout"}
+        if unknown or (mobile.group(1) and "width_mult" in options):
+            raise ValueError(f"{arch} takes only width_mult (unless named by the suffix) and "
+                             f"dropout (got {sorted(options)})")
+        if mobile.group(1):
+            options["width_mult"] = int(mobile.group(1)) / 100
+        model = MobileNetV2(num_classes, norm_layer, in_channels, **options)
+        return _with_conv_weights(model, norm_layer)
     match = _ARCH_RE.match(arch) if isinstance(arch, str) else None
     depth = int(match.group(2)) if match else -1
     valid = (
@@ -376,6 +474,12 @@ def build_model(
         block = BasicBlock if kind == "basic" else Bottleneck
         model = ResNet(block, layers, num_classes, norm_layer, in_channels,
                        width=width or DEFAULT_WIDTH["resnet"], **options)
+    return _with_conv_weights(model, norm_layer)
+
+
+def _with_conv_weights(model: nn.Module, norm_layer: Optional[NormLayer]) -> nn.Module:
+    """``model`` with its convolutions reparametrized as ``norm_layer`` declares (its
+    ``conv_weights``: weight standardization for GN+WS, centring for MABN)."""
     conv_weights = getattr(norm_layer, "conv_weights", None)
     if conv_weights is not None:
         from kalmannorm import standardize_conv_weights

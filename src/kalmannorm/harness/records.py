@@ -14,7 +14,9 @@ guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
     stop_reason (null | "finished" | "time_limit" | "interrupted" (Ctrl-C) |
                  "terminated (SIGTERM)" | "non-finite training loss" | "error: ..."),
     history [{epoch, lr, steps, train_loss, train_error, test_loss, test_error, epoch_time,
-              wall_time, guard_fallbacks, guard_priors}],  # errors are fractions in [0, 1]
+              wall_time, guard_fallbacks, guard_priors, peak_memory {kind, bytes}}],
+        # errors are fractions in [0, 1]; peak_memory: the epoch's CUDA peak, or the CPU
+        # process's peak RSS so far
     final {train_loss, train_error, test_loss, test_error},
     normalization {layers [{class, count, options}], predictor {class, options} | null}
         # every resolved option of every norm layer, defaults included (describe_normalization)

@@ -125,6 +125,16 @@ def _build(config: TrainConfig, data: ImageData, device: torch.device):
     return model, net
 
 
+def _peak_memory(device: torch.device) -> Dict[str, Any]:
+    """The epoch's peak memory: CUDA bytes allocated by tensors (reset each epoch), or on the
+    CPU the process's peak resident set so far (the OS keeps no per-epoch peak)."""
+    if device.type == "cuda":
+        return dict(kind="cuda_allocated", bytes=torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return dict(kind="cpu_max_rss", bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def _guard(model: nn.Module) -> Tuple[int, int]:
     from kalmannorm import guard_report
 
@@ -231,6 +241,55 @@ class _Session:
     record_path: str
     ckpt_path: str
     started: float  # time.perf_counter() at the start of this session
+    graphed: Optional["GraphedStep"] = None  # with config.cuda_graphs, once captured
+
+
+class GraphedStep:
+    """A training step's forward, loss and backward captured once in a CUDA graph.
+
+    Each call copies the batch into the graph's static inputs and replays it: the gradients land
+    in the parameters' ``.grad`` (static tensors, overwritten each replay), and the caller runs
+    the optimizer eagerly. Capture needs a few warm-up passes (on a side stream, as torch
+    requires); the model's buffers (running statistics, step counters) are restored afterwards,
+    so warm-up and capture leave no trace in the run. Everything the step does must be free of
+    host synchronisation and of host-side state that changes between steps (the kalmannorm
+    layers are; a layer that is not makes the capture fail, and the run falls back to eager
+    steps, saying so in its record).
+    """
+
+    def __init__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool,
+                 warmup: int = 3) -> None:
+        self.static_x, self.static_y = x.clone(), y.clone()
+        self.amp = amp
+        buffers = [b for b in net.buffers()]
+        saved = [b.clone() for b in buffers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                net.zero_grad(set_to_none=True)
+                self._forward_backward(net)
+        torch.cuda.current_stream().wait_stream(side)
+        net.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.loss = self._forward_backward(net)
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+    def _forward_backward(self, net: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            logits = net(self.static_x)
+        loss = F.cross_entropy(logits.float(), self.static_y)
+        loss.backward()
+        return logits, loss
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        self.graph.replay()
+        return self.logits, self.loss
 
 
 def _train_epoch(session: _Session) -> Tuple[float, float, float]:
@@ -252,11 +311,16 @@ def _train_epoch(session: _Session) -> Tuple[float, float, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = data.train_batch(index, augment, augment=config.augment)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if config.cuda_graphs and session.graphed is None and len(index) == config.batch_size:
+            session.graphed = _capture(session, x, y)
+        if session.graphed:
+            logits, loss = session.graphed(x, y)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         errors = (logits.detach().argmax(1) != y).sum()
         loss_sum += loss.detach() * len(y)
@@ -267,6 +331,22 @@ def _train_epoch(session: _Session) -> Tuple[float, float, float]:
     total_loss, total_err, n = _all_reduce(
         [loss_sum.item(), err_sum.item(), len(batches) * config.batch_size], device, state.world_size)
     return total_loss / n, total_err / n, lr
+
+
+def _capture(session: _Session, x: torch.Tensor, y: torch.Tensor):
+    """The :class:`GraphedStep` of this run, or ``False`` (eager steps from here on) when the
+    step cannot be captured; the record says which (``record["cuda_graphs"]``)."""
+    record = session.state.record
+    try:
+        graphed = GraphedStep(session.net, x, y, session.config.amp)
+        record["cuda_graphs"] = "captured"
+        return graphed
+    except Exception as err:  # capture refused: any op with a host sync, say
+        logging.getLogger(__name__).warning("CUDA graph capture failed, training eagerly: %r", err)
+        record["cuda_graphs"] = f"capture failed, eager steps: {err!r}"[:500]
+        torch.cuda.synchronize()
+        session.net.zero_grad(set_to_none=True)
+        return False
 
 
 @torch.no_grad()
@@ -383,6 +463,8 @@ def _run(session: _Session) -> Dict[str, Any]:
         save(False)
         while state.epoch < recipe.epochs:
             epoch_start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             guard_before = _guard(model)
             train_loss, train_err, lr = _train_epoch(session)
             _sync_buffers(model, state.world_size)
@@ -395,6 +477,7 @@ def _run(session: _Session) -> Dict[str, Any]:
                 epoch_time=time.perf_counter() - epoch_start,
                 wall_time=wall_before + time.perf_counter() - session_start,
                 guard_fallbacks=guard_after[0] - guard_before[0], guard_priors=guard_after[1] - guard_before[1],
+                peak_memory=_peak_memory(device),
             )
             record["history"].append(entry)
             state.epoch += 1
