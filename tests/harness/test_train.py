@@ -286,3 +286,17 @@ def test_report_never_merges_different_configurations_and_flags_repeated_seeds(t
     assert rows[1]["label"] == "BN, m=2 [config.epochs=2, recipe.epochs=2]"
     from kalmannorm.harness.report import markdown_table
     assert "1 (2 runs; seed 0 repeated)" in markdown_table(rows)
+
+
+def test_reparametrized_conv_weights_decay_through_their_parameter():
+    import kalmannorm as kn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))
+    kn.standardize_conv_weights(model)
+    decay, rest = weight_decay_groups(model, 5e-4)
+    params = decay["params"]
+    assert [p is model[0].parametrizations.weight.original for p in params] == [True, False]
+    assert params[1] is model[3].weight and all(p.is_leaf for p in params)
+    assert sum(p.numel() for g in (decay, rest) for p in g["params"]) == \
+        sum(p.numel() for p in model.parameters())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["PaperRecipe", "ShortRecipe", "RECIPES", "weight_decay_groups"]
 
@@ -144,13 +145,19 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str,
     """Optimizer parameter groups: decay on convolution and linear weights, none elsewhere.
 
     Selected by module type (``nn.modules.conv._ConvNd``, ``nn.Linear``), never by name; norm
-    weights and all biases get no decay.
+    weights and all biases get no decay. A reparametrized weight (weight standardization, see
+    ``kalmannorm.standardize_conv_weights``) decays through the parameter it is computed from.
     """
     decay, seen = [], set()
     for module in model.modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and module.weight is not None:
-            if id(module.weight) not in seen and module.weight.requires_grad:
-                decay.append(module.weight)
-                seen.add(id(module.weight))
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            weight = module.parametrizations.weight.original
+        else:
+            weight = module.weight
+        if weight is not None and id(weight) not in seen and weight.requires_grad:
+            decay.append(weight)
+            seen.add(id(weight))
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]

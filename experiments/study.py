@@ -1,0 +1,381 @@
+"""The micro-batch study: does BKN beat what a user would pick instead? (docs/results/study.md)
+
+Every run is one ``python -m kalmannorm train`` process writing its own record; the driver runs
+a grid of (family, row, seed), at most ``--parallel`` at a time, skips complete runs, resumes
+incomplete ones and copies each finished record into ``--records`` (committed as it lands), so
+the grid can be built up over several sessions or machines. ``--write`` generates the page from
+the records.
+
+Protocol (the paper's "batch size 2" on CIFAR): SGD batch 128 with statistics over groups of
+m = 2 rows (64 groups, each standing for a device), the released augmentation, the harness's
+``short`` recipe (linear warm-up, then cosine decay of the learning rate to zero), CIFAR-10's
+full training set. Families: the pre-activation ResNet-20 of the released code (``--width``)
+and torchvision's MobileNetV2 at width 0.5 (the harness's copy of it).
+
+    # CPU (2 cores): width 8, two runs at a time, one thread each
+    python experiments/study.py --data-dir data --device cpu --width 8 --epochs 15 --parallel 2
+    # one GPU: width 16, CUDA graphs, many runs at once, stopping cleanly before a deadline
+    python experiments/study.py --data-dir data --device cuda --width 16 --epochs 30 \\
+        --parallel 16 --cuda-graphs --deadline 480 --root runs/study-gpu
+    # the page, from every committed record
+    python experiments/study.py --write
+    # CPU smoke test of the whole pipeline (bundled subset, tiny runs; what the tests run)
+    python experiments/study.py --smoke --root /tmp/smoke --records /tmp/smoke/records --write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDS = os.path.join("docs", "results", "study", "records")
+PAGE = os.path.join("docs", "results", "study.md")
+
+M2 = ["--micro-batch", "2"]
+RELEASED = ["--gain", "0.9", "--norm-option", 'gain_rule="fixed"', "--norm-option",
+            'propagate="raw"', "--norm-option", 'decisions="layer"']
+# row -> (label, train arguments); labels name the configuration, the records hold all of it
+ROWS: Dict[str, Tuple[str, List[str]]] = {
+    "bn-full": ("BN, full batch", ["--norm", "batchnorm"]),
+    "bn-m2": ("BN, m=2", ["--norm", "ghost_batchnorm", *M2]),
+    "gn4": ("GN, 4 groups", ["--norm", "groupnorm", "--norm-option", "num_groups=4"]),
+    "gn32": ("GN, 32 groups (fewer where C < 32)",
+             ["--norm", "groupnorm", "--norm-option", "num_groups=32",
+              "--norm-option", "cap_groups=True"]),
+    "brn-m2": ("BRN, m=2", ["--norm", "batchrenorm", *M2]),
+    "bkn-released": ("BKN, released configuration, m=2", ["--norm", "bkn", *M2, *RELEASED]),
+    "bkn-default": ("BKN, defaults, m=2", ["--norm", "bkn", *M2]),
+    "bkn-analytic": ("BKN, defaults, analytic prediction, m=2",
+                     ["--norm", "bkn", *M2, "--prediction", "analytic"]),
+    "frn": ("FRN + TLU", ["--norm", "frn"]),
+    "evonorm-s0": ("EvoNorm-S0, 32 groups (fewer where C < 32)",
+                   ["--norm", "evonorm_s0", "--norm-option", "cap_groups=True"]),
+    "gn-ws": ("GN + WS, 32 groups (fewer where C < 32)",
+              ["--norm", "groupnorm_ws", "--norm-option", "num_groups=32",
+               "--norm-option", "cap_groups=True"]),
+    "mabn-m2": ("MABN, m=2", ["--norm", "mabn", *M2]),
+}
+REFERENCE, MICRO_BN, GROUPNORM = "bn-full", "bn-m2", "gn4"
+# The rows the verdicts rest on, run on the second family too.
+VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-default", "mabn-m2"]
+FAMILIES = {"resnet": "preact_resnet20", "mobilenet": "mobilenet_v2_w050"}
+
+
+def grid(families: Sequence[str], rows: Optional[Sequence[str]], seeds: Sequence[int]):
+    """``(family, row, seed)`` jobs: every row on the ResNet, the verdict rows on MobileNet."""
+    jobs = []
+    for seed in seeds:  # seed-major: a grid cut short still has every row once
+        for family in families:
+            wanted = rows or (list(ROWS) if family == "resnet" else VERDICT_ROWS)
+            jobs += [(family, row, seed) for row in wanted]
+    return jobs
+
+
+def run_dir(root: str, job: Tuple[str, str, int]) -> str:
+    family, row, seed = job
+    return os.path.join(root, family, f"{row}-seed{seed}")
+
+
+def record_name(job: Tuple[str, str, int]) -> str:
+    family, row, seed = job
+    return f"{family}-{row}-seed{seed}.json"
+
+
+def command(job, args) -> List[str]:
+    family, row, seed = job
+    label, row_args = ROWS[row]
+    cmd = [sys.executable, "-m", "kalmannorm", "train", "--dataset", args.dataset,
+           "--arch", FAMILIES[family], "--batch-size", "128", "--recipe", "short",
+           "--epochs", str(args.epochs), "--seed", str(seed), "--device", args.device,
+           "--run-dir", run_dir(args.root, job), "--quiet", "--label", label, *row_args]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if family == "resnet":
+        cmd += ["--width", str(args.width)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.cuda_graphs:
+        cmd.append("--cuda-graphs")
+    if args.limit_train:
+        cmd += ["--limit-train", str(args.limit_train), "--limit-test", str(args.limit_test)]
+    if args.deadline is not None:
+        left = args.deadline - (time.monotonic() - args.started)
+        cmd += ["--time-limit", f"{max(left, 1):.0f}"]
+    if os.path.exists(os.path.join(run_dir(args.root, job), "record.json")):
+        cmd.append("--resume")
+    return cmd
+
+
+def status(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return json.load(f).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def collect(job, args) -> None:
+    """Copy a finished run's record into the records folder (complete or diverged only)."""
+    src = os.path.join(run_dir(args.root, job), "record.json")
+    if status(src) in ("complete", "diverged"):
+        os.makedirs(args.records, exist_ok=True)
+        shutil.copyfile(src, os.path.join(args.records, record_name(job)))
+
+
+def run_grid(jobs, args) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.join(ROOT, "src")] + [p for p in [env.get("PYTHONPATH")] if p])
+    pending = [j for j in jobs if status(os.path.join(args.records, record_name(j)))
+               not in ("complete", "diverged")]
+    running: List[Tuple[Any, Tuple[str, str, int]]] = []
+    print(f"{len(jobs)} runs, {len(pending)} to do", flush=True)
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            if args.deadline is not None and time.monotonic() - args.started > args.deadline - 30:
+                pending = []
+                break
+            job = pending.pop(0)
+            os.makedirs(run_dir(args.root, job), exist_ok=True)
+            log = open(os.path.join(run_dir(args.root, job), "log.txt"), "a")
+            proc = subprocess.Popen(["nice", "-n", "5", *command(job, args)], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((proc, job))
+        time.sleep(1)
+        for proc, job in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, job))
+                collect(job, args)
+                print(f"{'/'.join(map(str, job))}: exit {proc.returncode}, "
+                      f"{status(os.path.join(run_dir(args.root, job), 'record.json'))}",
+                      flush=True)
+
+
+# ------------------------------------------------------------------------------------- the page
+def load(records_dir: str) -> List[Dict[str, Any]]:
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from kalmannorm.harness.records import read_record
+
+    out = []
+    for name in sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []:
+        if name.endswith(".json"):
+            record = read_record(os.path.join(records_dir, name))
+            family, rest = name.split("-", 1)
+            record["_family"], record["_row"] = family, rest.rsplit("-seed", 1)[0]
+            out.append(record)
+    return out
+
+
+def verdict(a: Sequence[float], b: Sequence[float]) -> str:
+    """The stated rule: ``a`` wins (loses) against ``b`` when its mean test error is lower
+    (higher) by more than the sum of the two seed standard deviations; otherwise a tie; with
+    fewer than 2 seeds on either side, no verdict."""
+    if len(a) < 2 or len(b) < 2:
+        return "n/a (<2 seeds)"
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    margin = statistics.stdev(a) + statistics.stdev(b)
+    return "win" if diff > margin else "lose" if -diff > margin else "tie"
+
+
+def summary(records: List[Dict[str, Any]]):
+    """``{(family, row): {...}}`` over complete records, keyed also by the whole configuration
+    so that runs of different configurations are never pooled."""
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from kalmannorm.harness.report import configuration
+
+    cells: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    for r in records:
+        if not r["complete"]:
+            continue
+        key = (r["_family"], r["_row"])
+        conf = json.dumps(configuration(r), sort_keys=True)
+        cell = cells.setdefault(key, dict(runs=[], conf=conf))
+        if cell["conf"] != conf:
+            raise ValueError(f"records of {key} ran different configurations; keep one, or "
+                             "give the other its own row name")
+        cell["runs"].append(r)
+    for cell in cells.values():
+        runs = cell["runs"]
+        cell["errors"] = [100 * r["final"]["test_error"] for r in runs]
+        cell["seeds"] = sorted(r["seed"] for r in runs)
+        cell["epochs"] = sorted({r["epochs_done"] for r in runs})
+        cell["epoch_time"] = statistics.median(e["epoch_time"] for r in runs
+                                               for e in r["history"][1:] or r["history"])
+        mem = [e.get("peak_memory") for r in runs for e in r["history"] if e.get("peak_memory")]
+        cell["memory"] = (max(m["bytes"] for m in mem) / 2**20, mem[0]["kind"]) if mem else None
+        cell["device"] = runs[0].get("device_name", runs[0]["device"])
+        cell["width"] = runs[0]["config"].get("width")
+    return cells
+
+
+def _fmt(errors: Sequence[float]) -> str:
+    if not errors:
+        return "n/a"
+    if len(errors) == 1:
+        return f"{errors[0]:.2f}"
+    return f"{statistics.fmean(errors):.2f} ± {statistics.stdev(errors):.2f}"
+
+
+def table(cells, family: str) -> List[str]:
+    rows = [row for row in ROWS if (family, row) in cells]
+    if not rows:
+        return [f"No complete records for {family} yet."]
+    ref, micro, gn = (cells.get((family, r)) for r in (REFERENCE, MICRO_BN, GROUPNORM))
+    gap = None
+    if ref and micro:
+        gap = statistics.fmean(micro["errors"]) - statistics.fmean(ref["errors"])
+    any_cell = cells[(family, rows[0])]
+    lines = [f"Architecture `{FAMILIES[family]}`"
+             + (f", width {any_cell['width']}" if family == "resnet" else "")
+             + f"; device: {any_cell['device']}.", "",
+             "| Row | Seeds | Epochs | Test error % (mean ± sd) | Gap recovered | vs BN m=2 | "
+             "vs GN 4 | s / epoch | Peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        c = cells[(family, row)]
+        mean = statistics.fmean(c["errors"])
+        recovered = "n/a" if not gap or row in (REFERENCE, MICRO_BN) else \
+            f"{100 * (statistics.fmean(micro['errors']) - mean) / gap:.0f} %"
+        vs_bn = verdict(c["errors"], micro["errors"]) if micro and row != MICRO_BN else "—"
+        vs_gn = verdict(c["errors"], gn["errors"]) if gn and row != GROUPNORM else "—"
+        memory = "n/a" if c["memory"] is None else \
+            f"{c['memory'][0]:.0f} ({'CUDA' if c['memory'][1] == 'cuda_allocated' else 'RSS'})"
+        lines.append(f"| {ROWS[row][0]} | {', '.join(map(str, c['seeds']))} | "
+                     f"{'/'.join(map(str, c['epochs']))} | {_fmt(c['errors'])} | {recovered} | "
+                     f"{vs_bn} | {vs_gn} | {c['epoch_time']:.0f} | {memory} |")
+    if gap is not None:
+        lines += ["", f"Micro-batch gap (BN m=2 minus BN full batch): {gap:.2f} points."]
+    return lines
+
+
+def plot(records, family: str, path: str) -> Optional[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["_family"] == family and r["complete"]]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for row in ROWS:
+        curves = [[100 * e["test_error"] for e in r["history"]] for r in runs if r["_row"] == row]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+        ax.plot(range(1, n + 1), mean, label=f"{ROWS[row][0]} (n={len(curves)})",
+                linestyle="--" if row.startswith("bkn") else "-")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{FAMILIES[family]}: test error, mean over seeds")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 90))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_page(records_dir: str, page: str) -> str:
+    records = load(records_dir)
+    cells = summary(records)
+    out_dir = os.path.dirname(os.path.abspath(page))
+    commits = sorted({r.get("git_commit") or "none" for r in records})
+    lines = [
+        "# The micro-batch study",
+        "",
+        f"Generated by `python experiments/study.py --write` from the {len(records)} run "
+        f"records in [`study/records/`](study/records/); nothing here is typed by hand. "
+        "Incomplete runs are left out.",
+        "",
+        "## Protocol",
+        "",
+        "- **Data:** CIFAR-10's 50,000 training and 10,000 test images from the copy in "
+        "`../shared/data`, made from **lossy JPEGs** (quality 75), so errors are close to, not "
+        "equal to, published CIFAR-10 numbers. The released augmentation (per-pixel mean "
+        "subtraction, /128, 4-pixel pad and random crop, horizontal flip).",
+        "- **Micro-batches:** SGD batch 128; every row marked m=2 takes its statistics over "
+        "64 groups of 2 rows, each group standing for a device: nothing a group computes reads "
+        "another group (tested for every norm, `tests/library/test_faithful_groups.py`, and "
+        "against real gloo ranks, `tests/library/test_ddp_equivalence.py`), and running "
+        "statistics follow group 0, as DDP's buffer broadcast gives every device rank 0's.",
+        "- **Schedule:** the harness's `short` recipe, per step: linear warm-up over the first "
+        "15 % of the steps (from 0.04x), then a half cosine of the learning rate down to zero "
+        "at the last step; Nesterov momentum 0.9, weight decay 5e-4 on conv and linear weights, "
+        "peak rate 0.2. The rate "
+        "reaching zero is the convergence criterion: the last epochs train at a vanishing rate, "
+        "and the curves below show whether full-batch BN had flattened.",
+        "- **Rows:** full-batch BN (the reference), per-group BN at m=2, GroupNorm with the "
+        "released code's 4 groups and with 32 (capped at the divisors of narrow layers), Batch "
+        "Renorm, BKN in the released configuration (fixed gain 0.9, raw propagation, layer-wide "
+        "guard), BKN at this library's defaults (measured per-group gain, normalized "
+        "propagation), BKN with the analytic prediction, FRN + TLU, EvoNorm-S0, GN with "
+        "weight-standardized convs, MABN. Each record stores every resolved option of every "
+        "norm layer.",
+        "- **Second family:** the rows the verdicts rest on also run on MobileNetV2 (width 0.5), "
+        "where defaults chosen on ResNets have failed before.",
+        "- **Rule:** a row *wins* (*loses*) against another when its mean test error is lower "
+        "(higher) by more than the sum of the two rows' seed standard deviations; otherwise it "
+        "ties; with fewer than 2 seeds there is no verdict. *Gap recovered* is "
+        "(BN m=2 − row) / (BN m=2 − BN full batch).",
+        f"- **Code:** commits {', '.join(c[:10] for c in commits)}.",
+        "",
+    ]
+    for family in FAMILIES:
+        lines += [f"## {FAMILIES[family]}", ""] + table(cells, family) + [""]
+        png = plot(records, family, os.path.join(out_dir, "study", f"{family}.png"))
+        if png:
+            lines += [f"![{family} curves](study/{family}.png)", ""]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(page, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return page
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", help="CIFAR-10 directory (cifar-10-batches-py inside)")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--root", default=os.path.join("runs", "study"), help="run directories")
+    p.add_argument("--records", default=RECORDS, help="where finished records are copied")
+    p.add_argument("--page", default=PAGE)
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: the family's rows")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--width", type=int, default=8, help="pre-activation ResNet base width")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's)")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--deadline", type=float, help="seconds from now by which every run stops")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-test", type=int, default=10000)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny runs on the bundled CIFAR subset: the pipeline, not the result")
+    p.add_argument("--write", action="store_true", help="write the page from --records")
+    p.add_argument("--no-run", action="store_true", help="only --write")
+    args = p.parse_args(argv)
+    args.started = time.monotonic()
+    if args.smoke:
+        args.dataset, args.epochs, args.width = "cifar10_subset", 1, 4
+        args.limit_train, args.limit_test, args.seeds = 256, 128, args.seeds[:2]
+    if not args.no_run:
+        run_grid(grid(args.families, args.rows, args.seeds), args)
+    if args.write:
+        print(write_page(args.records, args.page), flush=True)
+
+
+if __name__ == "__main__":
+    main()
