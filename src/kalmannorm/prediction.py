@@ -206,11 +206,12 @@ class KalmanPredictor(nn.Module):
         min_prior_values: the target of ``rows_per_group="auto"``. Default: 16.
         generator: random generator for the samples. Default: the global one.
         batch_input: which input carries the batch, as a positional index or a ``forward``
-            parameter name; the batch size ``N`` is its first dimension (or that of the
-            tensors inside it). ``None`` takes ``N`` from the inputs' tensors when they all
-            have the same first dimension, and refuses inputs with several first dimensions
-            or a list of per-sample tensors, naming this option. Every input tensor with ``N``
-            rows gets the shadow rows. Default: ``None``.
+            parameter name, or a tuple of them; the batch size ``N`` is its first dimension
+            (or that of the tensors inside it), and only these inputs get the shadow rows.
+            ``None`` takes ``N`` from the inputs' tensors when they all have the same first
+            dimension, and refuses inputs with several first dimensions or a list of
+            per-sample tensors, naming this option; every input tensor with ``N`` rows then
+            gets the shadow rows (a warning when that is several inputs). Default: ``None``.
 
     The state dict has the wrapped model's keys (no ``module.`` prefix), so checkpoints of the
     original model load strictly into the wrapper and back; ``module.``-prefixed keys load too.
