@@ -412,7 +412,8 @@ class KalmanPredictor(nn.Module):
             warnings.warn(
                 f"BKN layers {missing} get one value per group in their prior (1x1 maps with "
                 f"rows_per_group={self.rows_per_group}), so no prior: they act as per-group "
-                "BatchNorm; use KalmanPredictor(..., rows_per_group='auto') or a larger int",
+                "BatchNorm; use rows_per_group='auto' or a larger int (convert_batchnorm, "
+                "kalmannorm.configure(model, ...) or KalmanPredictor)",
                 stacklevel=3,
             )
 
