@@ -234,8 +234,9 @@ def build(spec: Spec, seed: int = 0) -> nn.Module:
 def grads_after_step(spec: Spec, model: nn.Module, inputs, targets, seed: int = 2):
     """Loss and gradients of one training step, with the shadow-row samples reseeded."""
     for m in model.modules():
-        if isinstance(m, kn.KalmanPredictor) and m.shadow_batch.generator is not None:
-            m.shadow_batch.generator.manual_seed(seed)
+        predictor = kn.predictor_of(m)
+        if predictor is not None and predictor.shadow_batch.generator is not None:
+            predictor.shadow_batch.generator.manual_seed(seed)
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     loss = loss_of(spec, model, inputs, targets)
@@ -275,8 +276,8 @@ def groups_independent(spec: Spec, model: nn.Module, inputs) -> Dict[str, bool]:
     outputs, fallbacks = [], []
     for z in (x, y):
         for m in part.modules():
-            if isinstance(m, kn.KalmanPredictor):
-                m.shadow_batch.generator.manual_seed(3)
+            if kn.predictor_of(m) is not None:
+                kn.predictor_of(m).shadow_batch.generator.manual_seed(3)
         torch.manual_seed(3)
         before = [layer.guard_counters[0].item() for layer in layers]
         with torch.no_grad():

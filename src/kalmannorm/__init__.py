@@ -14,12 +14,12 @@ from .baselines import (EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2
                         fold_conv_weights, standardize_conv_weights)
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional.dispatch import get_backend, set_backend, use_backend
-from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, convert_batchnorm,
+from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, configure, convert_batchnorm,
                       norm_then, register_converter, to_batchnorm)
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchKalmanNormNd
 from .norms import (GroupNorm, GroupNorm1, InstanceGroupNorm, get_norm_layer, norm_names,
                     register_norm)
-from .prediction import KalmanPredictor, guard_report
+from .prediction import KalmanPredictor, guard_report, predictor_of
 # Not public, kept for existing callers: guard_counts (deprecated, use guard_report), and
 # ShadowBatch and has_kalman_layers, which the harness imports from here (home: .prediction).
 from .prediction import ShadowBatch, guard_counts, has_kalman_layers  # noqa: F401
@@ -30,7 +30,8 @@ __all__ = [
     "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "BatchKalmanNormNd",
     "BatchKalmanNormAct2d", "BatchKalmanNormActNd",
     "KalmanPredictor", "AnalyticKalmanPredictor",
-    "convert_batchnorm", "to_batchnorm", "register_converter", "norm_then",
+    "convert_batchnorm", "to_batchnorm", "configure", "predictor_of", "register_converter",
+    "norm_then",
     "get_norm_layer", "norm_names", "register_norm",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GroupNorm", "GroupNorm1", "InstanceGroupNorm",

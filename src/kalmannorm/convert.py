@@ -25,10 +25,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .modules import (BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchKalmanNormNd,
                       _BatchKalmanNorm)
 from .analytic import AnalyticKalmanPredictor, check_analytic
-from .prediction import BatchInput, KalmanPredictor, check_rows_options
+from .prediction import (ATTRIBUTE, BatchInput, KalmanPredictor, _check_batch_input,
+                         check_rows_options, predictor_of)
 
-__all__ = ["convert_batchnorm", "to_batchnorm", "register_converter", "norm_then", "CONVERTERS",
-           "BatchKalmanNormAct2d", "BatchKalmanNormActNd"]
+__all__ = ["convert_batchnorm", "to_batchnorm", "configure", "register_converter", "norm_then",
+           "CONVERTERS", "BatchKalmanNormAct2d", "BatchKalmanNormActNd"]
 
 # A converter maps a BatchNorm layer and the BKN options to its replacement (sharing the layer's
 # parameters and buffers), or to None to leave the layer as it is.
@@ -242,7 +243,7 @@ def convert_batchnorm(
     generator: Optional[torch.Generator] = None,
     batch_input: BatchInput = None,
     prediction: str = "sampled",
-) -> KalmanPredictor:
+) -> nn.Module:
     """Replace every BatchNorm of ``module`` with Batch Kalman Normalization, in place.
 
     ``nn.BatchNorm1d/2d/3d`` become :class:`BatchKalmanNorm1d/2d/3d`, ``nn.SyncBatchNorm`` a
@@ -250,9 +251,13 @@ def convert_batchnorm(
     statistics), timm's ``BatchNormAct2d`` a BKN layer that keeps its dropout and activation;
     other classes follow :data:`CONVERTERS` (:func:`register_converter`). The new layers share
     the parameters and running buffers and keep the training flag, so an optimizer built before
-    the conversion still holds the right parameters. The result is wrapped in a
-    :class:`KalmanPredictor`, which carries the prediction from layer to layer and whose state
-    dict has the keys of ``module``'s (a BatchNorm checkpoint loads strictly, and back).
+    the conversion still holds the right parameters. A :class:`KalmanPredictor`, which carries
+    the prediction from layer to layer, is attached to ``module`` by forward hooks
+    (:meth:`KalmanPredictor.attach`), so the model keeps its class, attributes, methods and
+    state dict keys (a BatchNorm checkpoint loads strictly, and back); :func:`predictor_of`
+    returns it and :func:`configure` changes the options afterwards. Only a call of the model
+    itself carries the prediction (another method, e.g. timm's ``forward_features``, trains
+    the layers as per-group BatchNorm, with a warning).
 
     The conversion is atomic: an unsupported layer or a bad option raises before the model is
     touched, and a model the predictor refuses (a training-mode layer that computes batch
@@ -272,19 +277,26 @@ def convert_batchnorm(
             ``"sampled"``.
 
     Returns:
-        The :class:`KalmanPredictor` (or its analytic subclass) around the converted model.
+        ``module`` itself (as ``nn.SyncBatchNorm.convert_sync_batchnorm``; the new layer if
+        ``module`` is a BatchNorm layer). With ``prediction="analytic"``: an
+        :class:`~kalmannorm.analytic.AnalyticKalmanPredictor` wrapper (it replaces the forward
+        by a traced graph), which reads and sets the model's public attributes through.
 
     For a torchvision detection model (a list of images in, a loss dict out), convert the
     backbone, which receives the batched image tensor: ``model.backbone =
     convert_batchnorm(model.backbone, micro_batch=2)``.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-    >>> type(convert_batchnorm(net, gain=0.9, micro_batch=2).module[1]).__name__
+    >>> type(convert_batchnorm(net, gain=0.9, micro_batch=2)[1]).__name__
     'BatchKalmanNorm2d'
     """
-    if isinstance(module, KalmanPredictor):
-        raise TypeError("the module is already a KalmanPredictor; convert its .module instead")
-    inner = [name for name, m in module.named_modules() if isinstance(m, KalmanPredictor)]
+    if predictor_of(module) is not None:
+        raise TypeError(
+            f"the {type(module).__name__} is already converted; change its options with "
+            "kalmannorm.configure(model, gain=..., micro_batch=...), or convert the deployed "
+            "BatchNorm copy again: kalmannorm.convert_batchnorm(kalmannorm.to_batchnorm(model))")
+    inner = [name for name, m in module.named_modules() if isinstance(m, KalmanPredictor)
+             or ATTRIBUTE in m.__dict__]
     if inner:
         raise ValueError(
             f"the module already holds a KalmanPredictor at {inner}; a model takes one "
@@ -312,15 +324,20 @@ def convert_batchnorm(
 
     converted, plan = _swap(module, make)
     if not plan and converted is module:
+        already = ("; it holds BKN layers already: attach the prediction with "
+                   "kalmannorm.KalmanPredictor.attach(model) and change their options with "
+                   "kalmannorm.configure(model, ...)") if any(
+            isinstance(m, _BatchKalmanNorm) for m in module.modules()) else (
+            "; build the model with a BatchNorm norm_layer or use BatchKalmanNorm layers "
+            "directly")
         raise ValueError(
-            f"found no BatchNorm layer to convert in {type(module).__name__}; "
-            "build the model with a BatchNorm norm_layer or use BatchKalmanNorm layers directly"
-        )
+            f"found no BatchNorm layer to convert in {type(module).__name__}" + already)
     try:
         if prediction == "analytic":
             return AnalyticKalmanPredictor(converted, batch_input=batch_input)
-        return KalmanPredictor(converted, rows_per_group=rows_per_group, generator=generator,
-                               min_prior_values=min_prior_values, batch_input=batch_input)
+        return KalmanPredictor.attach(
+            converted, rows_per_group=rows_per_group, generator=generator,
+            min_prior_values=min_prior_values, batch_input=batch_input)
     except Exception:
         _undo(plan)
         raise
@@ -345,7 +362,7 @@ def _deploy(layer: _BatchKalmanNorm) -> nn.Module:
 def to_batchnorm(module: nn.Module) -> nn.Module:
     """A deployable copy of ``module`` with plain BatchNorm in place of every BKN layer.
 
-    Every :class:`KalmanPredictor` is unwrapped and every BKN layer becomes the BatchNorm it
+    Every :class:`KalmanPredictor` is unwrapped or detached and every BKN layer becomes the BatchNorm it
     came from (``nn.BatchNorm1d/2d/3d`` by rank, timm's ``BatchNormAct2d`` with its activation)
     with a copy of its parameters and running statistics. Since an evaluation-mode BKN layer
     *is* BatchNorm with its running statistics, the eval outputs of the copy are bit-for-bit
@@ -357,5 +374,79 @@ def to_batchnorm(module: nn.Module) -> nn.Module:
     'BatchNorm2d'
     """
     module = copy.deepcopy(module)
+    for m in module.modules():
+        if ATTRIBUTE in m.__dict__:
+            m.__dict__[ATTRIBUTE].detach()
     module = _swap(module, lambda m: m.module if isinstance(m, KalmanPredictor) else None)[0]
     return _swap(module, lambda m: _deploy(m) if isinstance(m, _BatchKalmanNorm) else None)[0]
+
+
+_LAYER_OPTIONS = ("gain", "micro_batch", "guard_threshold", "detach_prior", "propagate",
+                  "running_stats", "guard", "gain_rule", "gain_warmup")
+_PREDICTOR_OPTIONS = ("rows_per_group", "min_prior_values", "generator", "batch_input")
+
+
+def configure(model: nn.Module, **options) -> nn.Module:
+    """Change the options of a converted model's BKN layers and predictor; return ``model``.
+
+    Takes the options of :func:`convert_batchnorm` except ``prediction`` (convert the deployed
+    copy again for that: ``convert_batchnorm(to_batchnorm(model), prediction=...)``); the ones
+    not given keep their values. Every value is checked before anything changes, so a bad one
+    raises and leaves the model as it was. The layers keep their parameters and buffers.
+
+    >>> model = convert_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    >>> configure(model, gain=0.5, micro_batch=2)[1].micro_batch
+    2
+    """
+    unknown = sorted(set(options) - set(_LAYER_OPTIONS) - set(_PREDICTOR_OPTIONS))
+    if unknown:
+        hint = (" (the prediction kind is chosen at conversion: "
+                "convert_batchnorm(to_batchnorm(model), prediction=...))"
+                if "prediction" in unknown else "")
+        raise TypeError(f"configure() got unknown options {unknown}{hint}; it takes "
+                        f"{list(_LAYER_OPTIONS + _PREDICTOR_OPTIONS)}")
+    layers = [m for m in model.modules() if isinstance(m, _BatchKalmanNorm)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no BKN layer to configure; convert it "
+                         "first with kalmannorm.convert_batchnorm(model, ...)")
+    predictor = predictor_of(model)
+    changes = {k: v for k, v in options.items() if k in _LAYER_OPTIONS}
+    wanted = {k: v for k, v in options.items() if k in _PREDICTOR_OPTIONS}
+    if wanted and predictor is None:
+        raise ValueError(f"{sorted(wanted)} are options of the prediction, and "
+                         f"{type(model).__name__} has none attached; attach it with "
+                         "kalmannorm.KalmanPredictor.attach(model, ...)")
+    if wanted and type(predictor) is not KalmanPredictor and (
+            set(wanted) - {"batch_input"}):
+        raise ValueError(f"{sorted(set(wanted) - {'batch_input'})} apply to "
+                         "prediction='sampled' only")
+    # check everything first: each layer's options by building a tensorless twin
+    for layer in layers:
+        merged = {k: getattr(layer, k) for k in _LAYER_OPTIONS}
+        merged.update(changes)
+        type(layer)(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                    layer.track_running_stats, device="meta", **merged)
+    if predictor is not None:
+        check_rows_options(wanted.get("rows_per_group", predictor.rows_per_group),
+                           wanted.get("min_prior_values", predictor.min_prior_values))
+        _check_batch_input(wanted.get("batch_input"))
+    for layer in layers:
+        for key, value in changes.items():
+            setattr(layer, key, float(value) if key in ("gain", "guard_threshold") else value)
+    if predictor is not None:
+        predictor.micro_batch = layers[0].micro_batch if "micro_batch" in changes else (
+            predictor.micro_batch)
+        if "batch_input" in wanted:
+            predictor.batch_input = wanted["batch_input"]
+        if "generator" in wanted:
+            predictor.shadow_batch.generator = wanted["generator"]
+        if "min_prior_values" in wanted:
+            predictor.min_prior_values = wanted["min_prior_values"]
+        if "rows_per_group" in wanted:
+            rows = wanted["rows_per_group"]
+            predictor.auto_rows = rows == "auto"
+            if rows is None or rows == "auto":
+                rows = 4 if any(isinstance(m, BatchKalmanNorm1d) for m in layers) else 1
+            predictor.rows_per_group = rows
+            predictor.prior_sizes = None  # measured again in the next training pass
+    return model

@@ -24,11 +24,16 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .modules import BatchKalmanNorm1d, _BatchKalmanNorm
 
-__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_report", "BatchInput"]
+__all__ = ["KalmanPredictor", "ShadowBatch", "has_kalman_layers", "guard_report", "BatchInput",
+           "predictor_of"]
 
-# Which input of the model carries the batch: a positional index, a parameter name, or None
-# (found from the inputs, refusing ambiguity).
-BatchInput = Union[None, int, str]
+# Where an attached predictor lives on its model: a plain attribute, not a submodule (the
+# model's modules(), state dict and Sequential indexing stay as they were).
+ATTRIBUTE = "_kalman_predictor"
+
+# Which input of the model carries the batch: a positional index, a parameter name, a tuple of
+# them (several inputs carry the batch), or None (found from the inputs, refusing ambiguity).
+BatchInput = Union[None, int, str, Tuple[Union[int, str], ...]]
 
 
 class ShadowBatch:
@@ -152,15 +157,7 @@ def _batch_coupled(module: nn.Module) -> List[str]:
 
 def _leading_sizes(obj: Any, sizes: Set[int]) -> Set[int]:
     """Add the first dimension of every tensor nested in ``obj`` to ``sizes``."""
-    if isinstance(obj, Tensor):
-        if obj.dim() > 0:
-            sizes.add(obj.shape[0])
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _leading_sizes(item, sizes)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _leading_sizes(item, sizes)
+    sizes.update(t.shape[0] for t in _tensors(obj) if t.dim() > 0)
     return sizes
 
 
@@ -209,11 +206,12 @@ class KalmanPredictor(nn.Module):
         min_prior_values: the target of ``rows_per_group="auto"``. Default: 16.
         generator: random generator for the samples. Default: the global one.
         batch_input: which input carries the batch, as a positional index or a ``forward``
-            parameter name; the batch size ``N`` is its first dimension (or that of the
-            tensors inside it). ``None`` takes ``N`` from the inputs' tensors when they all
-            have the same first dimension, and refuses inputs with several first dimensions
-            or a list of per-sample tensors, naming this option. Every input tensor with ``N``
-            rows gets the shadow rows. Default: ``None``.
+            parameter name, or a tuple of them; the batch size ``N`` is its first dimension
+            (or that of the tensors inside it), and only these inputs get the shadow rows.
+            ``None`` takes ``N`` from the inputs' tensors when they all have the same first
+            dimension, and refuses inputs with several first dimensions or a list of
+            per-sample tensors, naming this option; every input tensor with ``N`` rows then
+            gets the shadow rows (a warning when that is several inputs). Default: ``None``.
 
     The state dict has the wrapped model's keys (no ``module.`` prefix), so checkpoints of the
     original model load strictly into the wrapper and back; ``module.``-prefixed keys load too.
@@ -239,11 +237,13 @@ class KalmanPredictor(nn.Module):
         batch_input: BatchInput = None,
     ) -> None:
         super().__init__()
-        nested = [name for name, m in module.named_modules() if isinstance(m, KalmanPredictor)]
+        nested = [name for name, m in module.named_modules() if isinstance(m, KalmanPredictor)
+                  or ATTRIBUTE in m.__dict__]
         if nested:
             raise ValueError(
                 f"the module already holds a KalmanPredictor at {nested} (the root is '');"
-                " a model takes one predictor: wrap the inner model once"
+                " a model takes one predictor: wrap the inner model once, and change a "
+                "converted model's options with kalmannorm.configure(model, ...)"
             )
         layers = [m for m in module.modules() if isinstance(m, _BatchKalmanNorm)]
         if not layers:
@@ -264,10 +264,7 @@ class KalmanPredictor(nn.Module):
         self.auto_rows = rows_per_group == "auto"
         if rows_per_group is None or self.auto_rows:
             rows_per_group = 4 if any(isinstance(m, BatchKalmanNorm1d) for m in layers) else 1
-        if batch_input is not None and (
-            isinstance(batch_input, bool) or not isinstance(batch_input, (int, str))
-        ):
-            raise TypeError(f"batch_input must be an int, a str or None (got {batch_input!r})")
+        _check_batch_input(batch_input)
         self.batch_input = batch_input
         self.module = module
         self.micro_batch = micro_batches.pop()
@@ -276,9 +273,95 @@ class KalmanPredictor(nn.Module):
         # per layer name: values per shadow row behind its prior, measured in the first pass
         self.prior_sizes: Optional[Dict[str, int]] = None
         self.shadow_batch = ShadowBatch(generator)
+        self._attached = False  # True: forward hooks on the model itself (attach)
+        self._pass: Optional[Tuple[int, int]] = None  # (rows, shadow rows) of the hooked pass
+        self._warned: Set[str] = set()
         self._claim(layers)
         self._register_state_dict_hook(_strip_module_prefix)
         self._register_load_state_dict_pre_hook(_add_module_prefix, with_module=True)
+
+    @classmethod
+    def attach(cls, module: nn.Module, **options: Any) -> nn.Module:
+        """Attach the prediction to ``module`` itself and return ``module``.
+
+        Same options and rules as the constructor, but instead of a wrapper the predictor sits
+        in forward hooks of ``module`` (a pre-hook appends the shadow rows to the inputs, a
+        hook strips them from the outputs), so the model keeps its class, attributes, methods
+        and state dict keys. :func:`predictor_of` returns the predictor;
+        :func:`kalmannorm.to_batchnorm` removes it with the hooks. Only a call of the model
+        itself (``model(x)``) carries the prediction: another method (timm's
+        ``forward_features``) trains its BKN layers as per-group BatchNorm, with a warning.
+
+        >>> from kalmannorm import BatchKalmanNorm2d
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchKalmanNorm2d(8, micro_batch=2))
+        >>> KalmanPredictor.attach(net) is net and predictor_of(net).micro_batch == 2
+        True
+        """
+        if ATTRIBUTE in module.__dict__:
+            raise ValueError(
+                f"{type(module).__name__} already has the prediction attached; change its "
+                "options with kalmannorm.configure(model, ...)")
+        predictor = cls(module, **options)
+        del predictor._modules["module"]  # not a submodule: no cycle, no state dict level
+        object.__setattr__(predictor, "module", module)
+        predictor._attached = True
+        predictor._handles = [
+            module.register_forward_pre_hook(predictor._pre_hook, with_kwargs=True),
+            # prepend: the outputs are stripped before the user's own hooks see them; always:
+            # a forward that raises still closes the pass
+            module.register_forward_hook(predictor._post_hook, with_kwargs=True, prepend=True,
+                                         always_call=True),
+            # checkpoints of a KalmanPredictor wrapper (a "module." level) still load
+            module._register_load_state_dict_pre_hook(_drop_module_level, with_module=True),
+        ]
+        object.__setattr__(module, ATTRIBUTE, predictor)
+        return module
+
+    def detach(self) -> None:
+        """Remove an attached predictor's hooks from its model (the layers stay BKN)."""
+        if not self._attached:
+            raise ValueError("this KalmanPredictor is a wrapper, not attached; use its .module")
+        for handle in self._handles:
+            handle.remove()
+        self.module.__dict__.pop(ATTRIBUTE, None)
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._pass = None
+        started = self._enter(args, kwargs)
+        if started is None:
+            return None
+        args, kwargs, self._pass = started
+        return args, kwargs
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        state, self._pass = self._pass, None
+        if state is None:
+            return None
+        return self._exit(output, *state)
+
+    def __getattr__(self, name: str) -> Any:
+        # A wrapper is transparent for reading the model's public attributes and methods
+        # (model.fc, reset_classifier, ...); private names stay the wrapper's own.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None or name.startswith("_"):
+                raise
+            return getattr(inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Setting a public attribute the model has and the wrapper has not sets the model's
+        # (predictor.fc = nn.Linear(...) replaces the model's head, not a dead copy).
+        inner = self.__dict__.get("_modules", {}).get("module")
+        if (inner is not None and not name.startswith("_") and name not in self.__dict__
+                and not hasattr(type(self), name)
+                and not any(name in self.__dict__[d] for d in ("_parameters", "_buffers",
+                                                               "_modules"))
+                and hasattr(inner, name)):
+            setattr(inner, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _claim(self, layers: List[_BatchKalmanNorm]) -> None:
         # Claimed again at every pass, so that two predictors around one model each see their
@@ -329,12 +412,13 @@ class KalmanPredictor(nn.Module):
             warnings.warn(
                 f"BKN layers {missing} get one value per group in their prior (1x1 maps with "
                 f"rows_per_group={self.rows_per_group}), so no prior: they act as per-group "
-                "BatchNorm; use KalmanPredictor(..., rows_per_group='auto') or a larger int",
+                "BatchNorm; use rows_per_group='auto' or a larger int (convert_batchnorm, "
+                "kalmannorm.configure(model, ...) or KalmanPredictor)",
                 stacklevel=3,
             )
 
     def _predicting(self) -> bool:
-        if not self.training:
+        if not (self.module.training if self._attached else self.training):
             return False
         layers = [m for m in self.module.modules() if isinstance(m, _BatchKalmanNorm)]
         if not any(m.training and m.gain > 0 for m in layers):
@@ -342,35 +426,43 @@ class KalmanPredictor(nn.Module):
         self._claim(layers)
         return True
 
-    def _selected_input(self, args: tuple, kwargs: dict) -> Tuple[str, Any]:
-        """``(description, value)`` of the input named by ``batch_input``."""
+    def _keys(self) -> Tuple[Union[int, str], ...]:
         key = self.batch_input
+        return tuple(key) if isinstance(key, (tuple, list)) else (key,)
+
+    def _locate(self, key: Union[int, str], args: tuple, kwargs: dict) -> Tuple[str, Any]:
+        """Where the input ``key`` of ``batch_input`` is: ``("args", index)`` or
+        ``("kwargs", name)``."""
         if isinstance(key, int):
             if not -len(args) <= key < len(args):
                 raise ValueError(f"batch_input={key} but the model got {len(args)} positional "
                                  "inputs")
-            return f"positional input {key}", args[key]
+            return "args", key % len(args)
         if key in kwargs:
-            return f"input {key!r}", kwargs[key]
+            return "kwargs", key
         try:
-            bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
+            params = list(inspect.signature(self.module.forward).parameters.values())
         except (TypeError, ValueError):
-            bound = None
-        if bound is None or key not in bound.arguments:
+            params = []
+        positional = [p.name for p in params[:len(args)]
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if key not in positional:
             raise ValueError(f"batch_input={key!r} names no input of this call (got "
                              f"{len(args)} positional inputs and keywords {sorted(kwargs)})")
-        return f"input {key!r}", bound.arguments[key]
+        return "args", positional.index(key)
 
     def _batch_rows(self, args: tuple, kwargs: dict) -> int:
         """The batch size ``N`` of a call, from ``batch_input`` or unambiguous inputs."""
         how = ("; name the input that carries the batch with batch_input= (an index or a "
                "parameter name) in KalmanPredictor or convert_batchnorm")
         if self.batch_input is not None:
-            what, value = self._selected_input(args, kwargs)
-            sizes = _leading_sizes(value, set())
+            sizes: Set[int] = set()
+            for key in self._keys():
+                where, at = self._locate(key, args, kwargs)
+                _leading_sizes((args if where == "args" else kwargs)[at], sizes)
             if len(sizes) != 1:
-                raise ValueError(f"{what} (batch_input) holds tensors with first dimensions "
-                                 f"{sorted(sizes)}; expected one batch size")
+                raise ValueError(f"batch_input={self.batch_input!r} holds tensors with first "
+                                 f"dimensions {sorted(sizes)}; expected one batch size")
             return sizes.pop()
         samples = [i for i, a in enumerate(list(args) + list(kwargs.values()))
                    if _is_sample_list(a)]
@@ -400,30 +492,128 @@ class KalmanPredictor(nn.Module):
         if rows % self.micro_batch != 0:
             raise ValueError(
                 f"a batch of {rows} rows does not split into groups of micro_batch="
-                f"{self.micro_batch}; use a batch size that is a multiple of it"
+                f"{self.micro_batch}; use a batch size that is a multiple of it, and drop a "
+                "smaller last batch of an epoch: DataLoader(..., drop_last=True)"
             )
         return rows, rows // self.micro_batch
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, stacklevel=4)
+
+    def _pad_inputs(self, args: tuple, kwargs: dict, rows: int, fn) -> Tuple[tuple, dict]:
+        """Append the shadow rows to the batch inputs: those named by ``batch_input``, or else
+        every input holding a tensor with ``rows`` rows (warning when that is several)."""
+        if self.batch_input is None:
+            names = [f"positional input {i}" for i, a in enumerate(args)
+                     if rows in _leading_sizes(a, set())]
+            names += [repr(k) for k, v in kwargs.items() if rows in _leading_sizes(v, set())]
+            if len(names) > 1:
+                self._warn_once("inputs", (
+                    f"inputs {', '.join(names)} all have {rows} rows, so all got the shadow "
+                    "rows of the prediction; an input that does not flow row by row into the "
+                    "BKN layers (labels, targets, per-sample weights) gets zero rows appended, "
+                    "and a loss computed inside forward averages over the shadow samples. "
+                    "Name the inputs that carry the batch: convert_batchnorm(..., batch_input="
+                    "'x') (a parameter name, an index, or a tuple of them), which also "
+                    "silences this warning"))
+            return _map_batch((args, kwargs), rows, fn)
+        args, kwargs = list(args), dict(kwargs)
+        for key in self._keys():
+            where, at = self._locate(key, tuple(args), kwargs)
+            box = args if where == "args" else kwargs
+            box[at] = _map_batch(box[at], rows, fn)
+        return tuple(args), kwargs
+
+    def _check_outputs(self, out: Any, total: int) -> None:
+        """Warn once about outputs the stripping cannot fix: a scalar computed from the batch
+        (a loss inside forward) and a batch dimension that is not the first."""
+        for t in _tensors(out):
+            if t.dim() == 0 and t.is_floating_point() and t.requires_grad:
+                self._warn_once("scalar", (
+                    "the model returned a scalar computed from the batch in training (a loss "
+                    "computed inside forward?): it includes the shadow rows of the prediction, "
+                    "which cannot be stripped from it. Compute the loss outside the model on "
+                    "its outputs, or return per-sample values (reduction='none'), whose shadow "
+                    "rows are removed"))
+            elif t.dim() > 1 and t.shape[0] != total and total in t.shape[1:]:
+                self._warn_once("layout", (
+                    f"an output of shape {tuple(t.shape)} has the batch with its shadow rows "
+                    f"({total} rows) in a dimension other than the first, so it comes back with "
+                    "the shadow rows (the last ones of that dimension); return the batch "
+                    "dimension first (e.g. batch_first=True, or transpose in forward)"))
+
+    def _enter(self, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict, Tuple[int, int]]]:
+        """Start a training pass: ``(args, kwargs, (rows, shadow rows))`` with the shadow rows
+        appended, or ``None`` when this call predicts nothing."""
         if not self._predicting():
-            return self.module(*args, **kwargs)
+            return None
         rows, groups = self._start_pass(args, kwargs)
         if rows == 0:  # an empty batch: nothing to predict, every layer returns empty rows
-            return self.module(*args, **kwargs)
+            return None
         extra = groups * self.rows_per_group
 
         def append(t: Tensor) -> Tensor:
             return torch.cat([t, t.new_zeros((extra,) + t.shape[1:])])
 
-        args, kwargs = _map_batch((args, kwargs), rows, append)
+        args, kwargs = self._pad_inputs(args, kwargs, rows, append)
         self.shadow_batch.begin(rows, groups, self.rows_per_group)
-        try:
-            out = self.module(*args, **kwargs)
-        finally:
-            self.shadow_batch.end()
+        return args, kwargs, (rows, extra)
+
+    def _exit(self, out: Any, rows: int, extra: int) -> Any:
+        """Close the pass and strip the shadow rows from the outputs."""
+        self.shadow_batch.end()
+        if out is None:  # also a forward that raised (the attached hook runs anyway)
+            return None
         if self.prior_sizes is None:
             self._calibrate()
+        self._check_outputs(out, rows + extra)
         return _map_batch(out, rows + extra, lambda t: t[:rows])
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        started = self._enter(args, kwargs)
+        if started is None:
+            return self.module(*args, **kwargs)
+        args, kwargs, (rows, extra) = started
+        try:
+            out = self.module(*args, **kwargs)
+        except BaseException:
+            self.shadow_batch.end()
+            raise
+        return self._exit(out, rows, extra)
+
+
+def predictor_of(module: nn.Module) -> Optional[KalmanPredictor]:
+    """The :class:`KalmanPredictor` of a converted model: the one attached to it
+    (:func:`kalmannorm.convert_batchnorm`), the wrapper itself, or ``None``.
+
+    >>> predictor_of(nn.Linear(2, 2)) is None
+    True
+    """
+    if isinstance(module, KalmanPredictor):
+        return module
+    return module.__dict__.get(ATTRIBUTE)
+
+
+def _check_batch_input(batch_input: BatchInput) -> None:
+    keys = batch_input if isinstance(batch_input, tuple) and batch_input else (batch_input,)
+    if batch_input is not None and not all(
+            not isinstance(k, bool) and isinstance(k, (int, str)) for k in keys):
+        raise TypeError("batch_input must be an int, a str, a non-empty tuple of them or None "
+                        f"(got {batch_input!r})")
+
+
+def _tensors(obj: Any):
+    """The tensors nested in ``obj`` (tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 def _strip_module_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -456,3 +646,13 @@ def _add_module_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) 
                     not (k == inner[:-1] or k.startswith(inner))]:
             rest = key[len(prefix):] if prefix else key
             metadata.setdefault(inner[:-1] + ("." + rest if rest else ""), metadata[key])
+
+
+def _drop_module_level(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook of an attached model: accept the keys of a ``KalmanPredictor`` wrapper's
+    checkpoint written with a ``module.`` level."""
+    if "module" in module._modules:
+        return
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)

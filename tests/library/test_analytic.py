@@ -514,7 +514,7 @@ def test_wrapper_rules_match_kalman_predictor():
     mixed = nn.Sequential(BatchKalmanNorm2d(3, micro_batch=2), nn.BatchNorm2d(3))
     with pytest.raises(ValueError, match="statistics over the batch"):
         AnalyticKalmanPredictor(mixed)
-    with pytest.raises(TypeError, match="already a KalmanPredictor"):
+    with pytest.raises(TypeError, match="already converted; change its options"):
         convert_batchnorm(model)
     clone = copy.deepcopy(model)
     assert clone(torch.randn(4, 3, 8, 8)).shape == (4, 6)

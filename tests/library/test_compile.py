@@ -11,10 +11,18 @@ pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs tor
 
 def test_converted_resnet_has_no_graph_breaks():
     # explain traces the training forward (shadow rows, Kalman step, samples) with dynamo only:
-    # a few seconds, no C++ compiler needed.
+    # a few seconds, no C++ compiler needed. The prediction is in forward hooks of the model:
+    # a call of the model inside a compiled function (the training step) inlines them into the
+    # one graph; explain(model) itself compiles each hook as its own small graph.
+    torch.manual_seed(0)
+    model = kn.convert_batchnorm(build_model("preact_resnet20", 10,
+                                             kn.get_norm_layer("batchnorm")), micro_batch=2)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: model(x))(torch.randn(4, 3, 16, 16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
     result = graph_breaks("preact_resnet20", micro_batch=2, batch=4, size=16)
-    assert result["graph_breaks"] == 0, result["reasons"]
-    assert result["graphs"] == 1
+    assert result["reasons"] == [] and result["graphs"] <= 3  # model, pre-hook, post-hook
 
 
 def test_compiled_training_step_matches_eager():

@@ -33,7 +33,8 @@ def test_convert_replaces_every_batchnorm_sharing_parameters_and_buffers():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     net[5].eval()
     model = kn.convert_batchnorm(net, gain=0.5, micro_batch=2, guard_threshold=10.0)
-    assert isinstance(model, kn.KalmanPredictor) and model.module is net
+    # the model itself, with the prediction attached (as convert_sync_batchnorm returns it)
+    assert model is net and isinstance(kn.predictor_of(net), kn.KalmanPredictor)
     assert isinstance(net[1], kn.BatchKalmanNorm2d) and isinstance(net[10], kn.BatchKalmanNorm1d)
     assert net[1].weight is bns["1"].weight and net[1].running_var is bns["1"].running_var
     assert net[1].training and not net[5].training
@@ -54,7 +55,7 @@ def test_round_trip_preserves_eval_outputs_and_state_dict():
     expected = net(x)
     keys = set(net.state_dict())
     model = kn.convert_batchnorm(net, micro_batch=2)
-    assert set(model.module.state_dict()) == keys
+    assert set(model.state_dict()) == keys
     assert torch.equal(model(x), expected)
     deployed = kn.to_batchnorm(model)
     assert not any(isinstance(m, (kn.KalmanPredictor, kn.BatchKalmanNorm2d))
@@ -63,7 +64,7 @@ def test_round_trip_preserves_eval_outputs_and_state_dict():
     assert set(deployed.state_dict()) == keys
     assert torch.equal(deployed(x), expected)
     # to_batchnorm leaves the model it was given untouched
-    assert isinstance(model.module[1], kn.BatchKalmanNorm2d)
+    assert isinstance(model[1], kn.BatchKalmanNorm2d) and kn.predictor_of(model) is not None
 
 
 def test_trained_model_deploys_bit_for_bit():
@@ -134,7 +135,8 @@ def test_convert_errors():
     with pytest.raises(ValueError, match="found no BatchNorm layer to convert in Sequential"):
         kn.convert_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2)))
     model = kn.convert_batchnorm(make_net())
-    with pytest.raises(TypeError, match="already a KalmanPredictor"):
+    with pytest.raises(TypeError, match=r"already converted; change its options with "
+                                        r"kalmannorm.configure"):
         kn.convert_batchnorm(model)
     with pytest.raises(ValueError, match="gain must be in"):
         kn.convert_batchnorm(make_net(), gain=2.0)
@@ -144,7 +146,7 @@ def test_checkpoint_of_batchnorm_model_loads_into_converted_model():
     trained = make_net()
     model = kn.convert_batchnorm(copy.deepcopy(make_net()).apply(
         lambda m: m.reset_parameters() if isinstance(m, nn.BatchNorm2d) else None))
-    model.module.load_state_dict(trained.state_dict())
+    model.load_state_dict(trained.state_dict())
     model.eval()
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(model(x), trained.eval()(x))

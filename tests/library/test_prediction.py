@@ -153,7 +153,7 @@ def test_shadow_rows_match_the_hand_threaded_reference(kernel):
 
     # gradients flow through the prior exactly as in the reference
     ref_grads = torch.autograd.grad(ref_out.square().sum(), list(net.parameters()))
-    grads = torch.autograd.grad(out.square().sum(), list(model.module.parameters()))
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
 
@@ -177,7 +177,7 @@ def test_gain_zero_model_matches_per_group_batchnorm_and_adds_no_rows():
     ref, _ = reference_forward(net, x, 4, 0.0)
     model = kn.convert_batchnorm(copy.deepcopy(net), gain=0.0, micro_batch=2)
     rows = []
-    model.module.bn0.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    model.bn0.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     assert rows == [8]
 
@@ -189,7 +189,7 @@ def test_eval_adds_nothing_and_equals_deployed_batchnorm():
         model(torch.randn(8, 3, 16, 16))
     model.eval()
     rows = []
-    model.module.bn0.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    model.bn0.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     x = torch.randn(5, 3, 16, 16)
     assert torch.equal(model(x), kn.to_batchnorm(model)(x))
     assert rows == [5]
@@ -261,7 +261,7 @@ def test_mlp_with_batchnorm1d_gets_several_shadow_rows_per_group():
     net = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(),
                         nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     model = kn.convert_batchnorm(net, micro_batch=4)
-    assert model.rows_per_group == 4
+    assert kn.predictor_of(model).rows_per_group == 4
     rows = []
     net[4].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     y = model(torch.randn(8, 5))
@@ -335,5 +335,5 @@ def test_a_failed_pass_does_not_leak_state():
     model = kn.convert_batchnorm(PreActResNet(), micro_batch=2)
     with pytest.raises(RuntimeError):
         model(torch.randn(4, 5, 8, 8))  # conv0 expects 3 channels
-    assert not model.shadow_batch.active
+    assert not kn.predictor_of(model).shadow_batch.active
     assert model(torch.randn(4, 3, 8, 8)).shape == (4, 5)

@@ -230,4 +230,5 @@ def test_convert_refuses_bad_rows_options_before_touching_the_model():
             kn.convert_batchnorm(net, micro_batch=2, **bad)
         assert type(net[1]) is nn.BatchNorm2d and type(net[4]) is nn.BatchNorm2d
     model = kn.convert_batchnorm(net, micro_batch=2, rows_per_group="auto", min_prior_values=4)
-    assert model.auto_rows and model.min_prior_values == 4
+    predictor = kn.predictor_of(model)
+    assert predictor.auto_rows and predictor.min_prior_values == 4

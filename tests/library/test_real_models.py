@@ -184,8 +184,8 @@ def test_ambiguous_batch_is_refused_and_batch_input_resolves_it():
     with pytest.raises(ValueError,
                        match=r"tensors with \[2, 4\] rows; name the input .*batch_input"):
         model(consts, x)
-    for hint in (1, "x", -1):
-        model = kn.KalmanPredictor(net, batch_input=hint)
+    for hint in (1, "x", -1, ("x",)):
+        kn.configure(model, batch_input=hint)
         rows = []
         handle = net.body[1][1].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
         out = model(consts, x)
@@ -193,12 +193,13 @@ def test_ambiguous_batch_is_refused_and_batch_input_resolves_it():
         assert out.shape == (4, 4, 5, 5) and rows == [4 + 2]
     # the shadow rows do not touch the constants and do not leak into the real rows
     gain0 = kn.convert_batchnorm(WithConstants(), gain=0.0, micro_batch=2, batch_input="x")
-    reference = copy.deepcopy(gain0.module)
+    reference = copy.deepcopy(gain0)
+    kn.predictor_of(reference).detach()
     torch.testing.assert_close(gain0(consts, x), reference(consts, x))
     with pytest.raises(ValueError, match="batch_input='y' names no input"):
-        kn.KalmanPredictor(net, batch_input="y")(consts, x)
+        kn.configure(net, batch_input="y")(consts, x)
     with pytest.raises(TypeError, match="batch_input must be"):
-        kn.KalmanPredictor(net, batch_input=1.0)
+        kn.configure(net, batch_input=1.0)
 
 
 def test_list_of_images_is_refused_with_the_detection_recipe():
@@ -214,7 +215,8 @@ def test_two_predictors_on_one_model_each_get_their_own_shadow_rows():
     torch.manual_seed(0)
     net = nn.Sequential(conv_bn(3, 4), conv_bn(4, 4))
     first = kn.convert_batchnorm(net, micro_batch=2, generator=torch.Generator().manual_seed(1))
-    second = kn.KalmanPredictor(net, generator=torch.Generator().manual_seed(1))
+    # a second predictor around the same layers (a feature extractor's shape)
+    second = kn.KalmanPredictor(nn.Sequential(*net), generator=torch.Generator().manual_seed(1))
     x = torch.randn(4, 3, 5, 5)
     state = copy.deepcopy(net.state_dict())
     y_second = second(x)
@@ -275,7 +277,7 @@ def test_empty_batch_returns_empty_like_batchnorm(kernel, monkeypatch):
 
 def test_torchscript_names_the_deployable_copy():
     model = kn.convert_batchnorm(nn.Sequential(conv_bn(3, 4), conv_bn(4, 4)), micro_batch=2)
-    for obj in (model, model.module, model.module[0][1]):
+    for obj in (model, model[0][1]):
         with pytest.raises(TypeError, match=r"torch.jit.script\(kalmannorm.to_batchnorm"):
             torch.jit.script(obj)
     scripted = torch.jit.script(kn.to_batchnorm(model).eval())
