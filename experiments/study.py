@@ -159,6 +159,29 @@ def run_grid(jobs, args) -> None:
                       flush=True)
 
 
+def calibrate(jobs, args) -> int:
+    """Epochs that let every job finish by the deadline: times two short epochs (a tenth of the
+    data) of every job under the same parallel load, then scales the slowest to a full epoch."""
+    sample = 5120
+    calib = argparse.Namespace(**{**vars(args), "root": os.path.join(args.root, "calibration"),
+                                  "records": os.path.join(args.root, "calibration", "records"),
+                                  "limit_train": sample, "limit_test": 1000, "epochs": 2})
+    run_grid(jobs, calib)
+    per_epoch = []
+    for job in jobs:
+        try:
+            with open(os.path.join(run_dir(calib.root, job), "record.json")) as f:
+                per_epoch.append(json.load(f)["history"][-1]["epoch_time"] * 50000 / sample)
+        except (OSError, ValueError, IndexError, KeyError):
+            print(f"calibration: no timing for {job}", flush=True)
+    waves = math.ceil(len(jobs) / args.parallel)
+    left = args.deadline - (time.monotonic() - args.started)
+    epochs = int(0.85 * left / (waves * max(per_epoch))) if per_epoch else 0
+    print(f"calibration: slowest epoch ~{max(per_epoch or [0]):.1f}s under load, {waves} "
+          f"wave(s), {left:.0f}s left -> {epochs} epochs (at most {args.epochs})", flush=True)
+    return max(0, min(args.epochs, epochs))
+
+
 # ------------------------------------------------------------------------------------- the page
 def load(records_dir: str) -> List[Dict[str, Any]]:
     sys.path.insert(0, os.path.join(ROOT, "src"))
@@ -360,6 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--deadline", type=float, help="seconds from now by which every run stops")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --deadline: time short epochs first and run as many epochs (at "
+                        "most --epochs) as fit")
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-test", type=int, default=10000)
     p.add_argument("--smoke", action="store_true",
@@ -372,7 +398,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.dataset, args.epochs, args.width = "cifar10_subset", 1, 4
         args.limit_train, args.limit_test, args.seeds = 256, 128, args.seeds[:2]
     if not args.no_run:
-        run_grid(grid(args.families, args.rows, args.seeds), args)
+        jobs = grid(args.families, args.rows, args.seeds)
+        if args.calibrate:
+            if args.deadline is None:
+                p.error("--calibrate needs --deadline")
+            args.epochs = calibrate(jobs, args)
+        if args.epochs >= 1:
+            run_grid(jobs, args)
     if args.write:
         print(write_page(args.records, args.page), flush=True)
 

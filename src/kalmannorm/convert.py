@@ -382,7 +382,7 @@ def to_batchnorm(module: nn.Module) -> nn.Module:
 
 
 _LAYER_OPTIONS = ("gain", "micro_batch", "guard_threshold", "detach_prior", "propagate",
-                  "running_stats", "guard", "gain_rule", "gain_warmup")
+                  "running_stats", "guard", "gain_rule", "gain_warmup", "decisions")
 _PREDICTOR_OPTIONS = ("rows_per_group", "min_prior_values", "generator", "batch_input")
 
 

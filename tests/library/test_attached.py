@@ -54,7 +54,7 @@ def test_the_converted_model_is_the_users_model():
     rows = rows_seen(net.body[1][1])
     out = model(torch.randn(4, 3, 5, 5))
     assert out.shape == (4, 3) and rows == [4 + 2]  # shadow rows inside, stripped outside
-    assert kn.guard_report(model)["priors"] == 1
+    assert kn.guard_report(model)["priors"] == 2  # one layer with a prior, 2 groups
     # the eval model adds nothing and deploys bit for bit, without the hooks
     model.eval()
     x = torch.randn(3, 3, 5, 5)

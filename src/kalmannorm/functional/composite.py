@@ -250,8 +250,9 @@ def measured_gain(
         scale = var_obs.clamp_min(_TINY)
         error = (log_prior - log_obs).square() + (mean_prior - mean_obs).square() / scale
         groups = var_obs.shape[0]
-        sampling = torch.tensor(2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
-                                dtype=var_obs.dtype)
+        # a fill, not a copy from the host: nothing here may synchronise (CUDA graph capture)
+        sampling = torch.full((), 2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
+                              dtype=var_obs.dtype)
         if decisions == "group":
             d = error.mean(dim=1)
             a = sampling.expand(groups) if noise is None else noise.to(d.dtype)

@@ -221,8 +221,8 @@ def describe_normalization(model: Any, extra_classes: tuple = ()) -> Dict[str, A
 
     Layers with the same class and options are listed once with their ``count``, in order of
     first appearance; options come from the layer itself (defaults included), so a record says
-    what ran even after the library's defaults change. A ``KalmanPredictor`` (or its analytic
-    subclass) around the model is described too.
+    what ran even after the library's defaults change. The model's ``KalmanPredictor`` (a
+    wrapper or attached, :func:`kalmannorm.predictor_of`) is described too.
 
     Args:
         model: the trained module (the predictor, or the bare model).
@@ -241,10 +241,9 @@ def describe_normalization(model: Any, extra_classes: tuple = ()) -> Dict[str, A
         entry = dict(cls=_qualname(module), options=_options(module))
         key = json.dumps(entry, sort_keys=True)
         layers.setdefault(key, dict(entry, count=0))["count"] += 1
-    predictor = None
-    for module in model.modules():
-        if type(module).__name__.endswith("KalmanPredictor"):
-            predictor = {"class": _qualname(module), "options": _options(module)}
-            break
+    from kalmannorm import predictor_of
+
+    found = predictor_of(model)
+    predictor = None if found is None else {"class": _qualname(found), "options": _options(found)}
     return dict(layers=[{"class": e["cls"], "count": e["count"], "options": e["options"]}
                         for e in layers.values()], predictor=predictor)
