@@ -69,14 +69,27 @@ VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-defaul
 FAMILIES = {"resnet": "preact_resnet20", "mobilenet": "mobilenet_v2_w050"}
 
 
-def grid(families: Sequence[str], rows: Optional[Sequence[str]], seeds: Sequence[int]):
-    """``(family, row, seed)`` jobs: every row on the ResNet, the verdict rows on MobileNet."""
+def grid(families: Sequence[str], rows: Optional[Sequence[str]], seeds: Sequence[int],
+         family_seeds: Optional[Dict[str, List[int]]] = None):
+    """``(family, row, seed)`` jobs: every row on the ResNet, the verdict rows on MobileNet;
+    ``family_seeds`` overrides ``seeds`` for a family."""
+    family_seeds = family_seeds or {}
     jobs = []
-    for seed in seeds:  # seed-major: a grid cut short still has every row once
-        for family in families:
+    for seed in sorted({s for f in families for s in family_seeds.get(f, seeds)}):
+        for family in families:  # seed-major: a grid cut short still has every row once
+            if seed not in family_seeds.get(family, seeds):
+                continue
             wanted = rows or (list(ROWS) if family == "resnet" else VERDICT_ROWS)
             jobs += [(family, row, seed) for row in wanted]
     return jobs
+
+
+def _family_seeds(text: str) -> Tuple[str, List[int]]:
+    family, _, seeds = text.partition("=")
+    if family not in FAMILIES or not seeds:
+        raise argparse.ArgumentTypeError(f"expected FAMILY=SEED,SEED with FAMILY one of "
+                                         f"{list(FAMILIES)} (got {text!r})")
+    return family, [int(s) for s in seeds.split(",")]
 
 
 def run_dir(root: str, job: Tuple[str, str, int]) -> str:
@@ -376,6 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: the family's rows")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--family-seeds", type=_family_seeds, action="append", default=[],
+                   metavar="FAMILY=SEEDS", help="seeds of one family, e.g. mobilenet=0,1")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--width", type=int, default=8, help="pre-activation ResNet base width")
     p.add_argument("--device", default="cpu")
@@ -398,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.dataset, args.epochs, args.width = "cifar10_subset", 1, 4
         args.limit_train, args.limit_test, args.seeds = 256, 128, args.seeds[:2]
     if not args.no_run:
-        jobs = grid(args.families, args.rows, args.seeds)
+        jobs = grid(args.families, args.rows, args.seeds, dict(args.family_seeds))
         if args.calibrate:
             if args.deadline is None:
                 p.error("--calibrate needs --deadline")

@@ -1,0 +1,63 @@
+"""The study driver (experiments/study.py): its smoke mode runs the whole pipeline on the bundled
+CIFAR subset (what the GPU script runs, on a CPU), its grid and its verdict rule, and the
+committed page regenerates from the committed records."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import study  # noqa: E402
+
+
+def test_grid_runs_every_row_on_the_resnet_and_the_verdict_rows_on_mobilenet():
+    jobs = study.grid(["resnet", "mobilenet"], None, [0], {"mobilenet": [0, 1]})
+    assert [j for j in jobs if j[0] == "resnet"] == [("resnet", r, 0) for r in study.ROWS]
+    assert {(r, s) for f, r, s in jobs if f == "mobilenet"} == {
+        (r, s) for r in study.VERDICT_ROWS for s in (0, 1)}
+    assert jobs.index(("mobilenet", "bn-m2", 1)) > jobs.index(("resnet", "mabn-m2", 0))
+
+
+def test_verdict_rule():
+    assert study.verdict([10.0, 10.2], [12.0, 12.1]) == "win"
+    assert study.verdict([12.0, 12.1], [10.0, 10.2]) == "lose"
+    assert study.verdict([10.0, 12.0], [11.0, 11.5]) == "tie"  # within the seed spread
+    assert study.verdict([10.0], [12.0, 12.1]) == "n/a (<2 seeds)"
+
+
+def test_smoke_runs_the_pipeline_and_writes_the_page(tmp_path):
+    records = tmp_path / "records"
+    subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--smoke",
+                    "--families", "resnet", "--rows", "bn-full", "bn-m2", "bkn-default",
+                    "--seeds", "0", "--root", str(tmp_path / "runs"), "--records", str(records),
+                    "--page", str(tmp_path / "study.md"), "--write"],
+                   check=True, capture_output=True, cwd=REPO, env=dict(os.environ, MPLBACKEND="Agg"))
+    names = sorted(os.listdir(records))
+    assert names == [f"resnet-{r}-seed0.json" for r in ("bkn-default", "bn-full", "bn-m2")]
+    bkn = json.loads((records / names[0]).read_text())
+    assert bkn["complete"] and bkn["normalization"]["layers"][0]["options"]["decisions"] == "group"
+    page = (tmp_path / "study.md").read_text()
+    for row in ("bn-full", "bn-m2", "bkn-default"):
+        assert f"| {study.ROWS[row][0]} | 0 | 1 |" in page
+    assert (tmp_path / "study" / "resnet.png").exists()
+    # a second call finds every run complete and runs nothing
+    again = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"),
+                            "--smoke", "--families", "resnet", "--rows", "bn-full", "bn-m2",
+                            "bkn-default", "--seeds", "0", "--root", str(tmp_path / "runs"),
+                            "--records", str(records)],
+                           check=True, capture_output=True, text=True, cwd=REPO)
+    assert "3 runs, 0 to do" in again.stdout
+
+
+def test_committed_page_regenerates_from_the_committed_records(tmp_path):
+    committed = os.path.join(REPO, study.PAGE)
+    if not os.path.exists(committed):
+        pytest.skip("no study page committed yet")
+    subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--no-run",
+                    "--write", "--page", str(tmp_path / "study.md")],
+                   check=True, capture_output=True, cwd=REPO, env=dict(os.environ, MPLBACKEND="Agg"))
+    with open(committed) as f:
+        assert (tmp_path / "study.md").read_text() == f.read()
