@@ -2,26 +2,37 @@
 
 Imported only where ``triton`` is installed (see :mod:`.triton_ops`, which launches them). One
 program owns a *slab*: the rows of one statistics group ``s`` (``m`` real rows, ``K`` shadow
-rows) for a block of ``BC`` channels, all positions. Everything a slab needs is local to it
-except the layer-wide guard decision (a mean over all ``[S, C]``), the running buffers and
-dweight/dbias (sums over ``S``):
+rows) for a block of ``BC`` channels, all positions; the programs of group ``s`` are ``s * ncb``
+to ``s * ncb + ncb - 1`` (``ncb`` channel blocks). Everything a slab needs is local to it except
+the guard and measured-gain decisions (means over the channels of the group, or with
+``decisions="layer"`` over all ``[S, C]``), the running buffers and dweight/dbias (sums over
+``S``):
 
 - ``stats_kernel``: two-pass float32 moments of the real rows and of the prior (shadow rows with
-  non-finite values zeroed and counted, or a supplied prior), and one partial record per program
-  for the guard (``sum(var_prior / var_obs)``, whether any prior variance is non-zero, the
-  non-finite count);
-- ``gain_kernel`` (``gain_rule="kalman"`` only): one program reads the ``[4, S, C]`` statistics
-  and writes the measured gain ``min(gain, p)`` (:func:`~.composite.measured_gain`) to a device
-  scalar, in place of a dozen small torch operations;
-- ``apply_kernel``: every program reduces the partial records in the same fixed order (so all
-  agree on the guard without a grid barrier), then the Kalman update, ``y`` for the real rows
-  and fresh samples ``mean + std * noise`` for the shadow rows, the noise from Philox by
-  ``(seed, flat index)``, regenerated rather than stored;
+  non-finite values zeroed and counted, or a supplied prior, or the caller's validity per group),
+  and one partial record per program for the guard (``sum(var_prior / var_obs)``, or of its log
+  for the two-sided guard, whether any prior variance is non-zero, the non-finite count); with
+  the measured gain per group also the sums of its squared errors ``d`` and of the rows' spread
+  ``a`` (:func:`~.composite.row_spread`): with ``m >= 2`` the moments come from each row's own
+  two-pass moments (law of total variance, the same two reads of the slab), whose spread over
+  the rows is taken by Welford;
+- ``gain_kernel`` (``gain_rule="kalman"``, ``decisions="layer"`` only): one program reads the
+  ``[4, S, C]`` statistics and writes the layer's measured gain ``min(gain, p)``
+  (:func:`~.composite.measured_gain`) to a device scalar, in place of a dozen small torch
+  operations;
+- ``apply_kernel``: every program reduces the partial records in the same fixed order, all of
+  them for the layer's decision or its own group's ``ncb`` for the group's (so all programs
+  that share a decision agree on it without a grid barrier), and per group the measured gain
+  ``min(gain, a / max(d, a))``; then the Kalman update, ``y`` for the real rows and fresh
+  samples ``mean + std * noise`` for the shadow rows, the noise from Philox by ``(seed, flat
+  index)``, regenerated rather than stored; the decisions ``[used, available]`` (``[2, S]`` per
+  group) and the groups' gains are written for the backward and the counters;
 - ``backward_kernel``: per slab ``sum(g)``, ``sum(g (x - mean_obs))``, the shadow rows'
-  ``sum(g)``, ``sum(g noise)``, the ``[S, C]`` chain in closed form, then ``dx`` (second read of
-  the slab, in L2); per-(s, c) partials of dweight/dbias, summed over ``S`` by the caller;
+  ``sum(g)``, ``sum(g noise)``, the ``[S, C]`` chain in closed form (with the slab's group's
+  decision and gain: a rejected prior gets zero gradient), then ``dx`` (second read of the
+  slab, in L2); per-(s, c) partials of dweight/dbias, summed over ``S`` by the caller;
 - ``buffers_kernel``: running averages (as :func:`~.composite.update_running_stats`),
-  ``num_batches_tracked`` and the guard counters.
+  ``num_batches_tracked`` and the guard counters (one count per decision: per group or one).
 
 Statistics are float32 for every input dtype; strides ``(sN, sC, sL)`` let one body serve NCHW and
 channels-last. Reductions run in a fixed order and nothing uses float atomics, so results are

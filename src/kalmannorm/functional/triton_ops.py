@@ -3,8 +3,9 @@
 Three operators wrap the kernels of :mod:`.triton_kernels` (docs/gpu.md):
 
 - ``kalmannorm::bkn_forward`` (functional, with a registered autograd formula): statistics,
-  guard, normalization and fresh shadow-row samples, 2 launches (3 with the measured
-  gain of ``gain_rule="kalman"``, which a one-program kernel computes between them);
+  guard, normalization and fresh shadow-row samples, 2 launches (3 with the measured gain of
+  ``gain_rule="kalman"`` decided for the layer, which a one-program kernel computes between
+  them; decided per group, ``decisions="group"``, the apply kernel computes it);
 - ``kalmannorm::bkn_backward`` (functional): the slab-local backward, 1 launch, plus one sum
   over the groups for dweight/dbias;
 - ``kalmannorm::bkn_update_buffers`` (mutates the layer's buffers): running averages,
@@ -12,7 +13,8 @@ Three operators wrap the kernels of :mod:`.triton_kernels` (docs/gpu.md):
 
 Being ``torch.library.triton_op`` operators, eager mode, ``torch.compile`` (no graph break; the
 compiler sees the kernels) and CUDA graphs run the same kernels. Nothing synchronises with the
-host: the guard is decided on the device. Samples come from Philox keyed by a seed tensor drawn
+host: the guard is decided on the device, per statistics group (``decisions="group"``, each
+group's decision from its own rows and prior) or for the layer, with either guard and gain rule. Samples come from Philox keyed by a seed tensor drawn
 on the device (one ``randint`` per layer step, from the caller's generator) and by each shadow
 element's index, and the backward regenerates them, so no noise is stored; they differ bitwise
 from ``torch.randn``'s stream (same distribution). Gradients are first-order; double backward
