@@ -63,7 +63,8 @@ def _functional(backend, x, prior, affine, **kw):
 @pytest.mark.parametrize("case", [
     dict(), dict(affine=False), dict(channels_last=True), dict(detach_prior=True),
     dict(no_prior=True), dict(reject=True), dict(nonfinite=True), dict(gain=0.3),
-    dict(shape=(6, 5, 3)), dict(dtype=torch.bfloat16),
+    dict(shape=(6, 5, 3)), dict(dtype=torch.bfloat16), dict(guard="two_sided"),
+    dict(guard="two_sided", reject=True), dict(guard="two_sided", reject="under"),
 ])
 def test_prior_supplied_matches_composite(case):
     shape = case.get("shape", (8, 5, 3, 7))
@@ -74,13 +75,13 @@ def test_prior_supplied_matches_composite(case):
     if not case.get("no_prior"):
         mp = torch.randn(groups, shape[1], device=DEVICE)
         vp = torch.rand(groups, shape[1], device=DEVICE) + 0.5
-        if case.get("reject"):
-            vp = vp * 1e4  # mean ratio far above the guard threshold
+        if case.get("reject"):  # mean ratio far above (or below) the guard threshold
+            vp = vp * (1e-4 if case["reject"] == "under" else 1e4)
         if case.get("nonfinite"):
             mp[1, 2] = float("inf")
         prior = (mp.requires_grad_(), vp.requires_grad_())
     kw = dict(groups=groups, gain=case.get("gain", 0.7),
-              detach_prior=case.get("detach_prior", False))
+              detach_prior=case.get("detach_prior", False), guard=case.get("guard", "upper"))
     expected = _functional("composite", x, prior, case.get("affine", True), **kw)
     got = _functional("triton", x, prior, case.get("affine", True), **kw)
     assert got[0].dtype == dtype and got[0].is_contiguous(
