@@ -300,8 +300,7 @@ _DOC_OPTIONS = """
             statistics group from that group's own rows and prior, so each group behaves as a
             device holding only its rows; ``"layer"`` decides once for the whole layer from all
             groups (the released code's guard, for exact reproduction), which couples the
-            groups. Default: ``"group"``. The Triton kernels implement ``"layer"`` only; on
-            CUDA ``"group"`` runs the composite form.
+            groups. Default: ``"group"``. The Triton kernels implement both.
 
     The running variance is unbiased (``count / (count - 1)`` with ``count`` the values per
     group); normalization uses the biased variance. Statistics are float32 for any input dtype.

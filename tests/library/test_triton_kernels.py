@@ -1,6 +1,7 @@
 """The Triton backend equals the composite form: outputs, every gradient, running buffers and guard
 counters, for the prior supplied, taken from shadow rows, rejected or absent; NCHW, channels-last
 and rows of one position (against float64); float32 and bfloat16; the measured gain's kernel;
+the guard and the measured gain decided per group (``decisions="group"``) or for the layer;
 Batch Renormalization.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
@@ -62,7 +63,8 @@ def _functional(backend, x, prior, affine, **kw):
 @pytest.mark.parametrize("case", [
     dict(), dict(affine=False), dict(channels_last=True), dict(detach_prior=True),
     dict(no_prior=True), dict(reject=True), dict(nonfinite=True), dict(gain=0.3),
-    dict(shape=(6, 5, 3)), dict(dtype=torch.bfloat16),
+    dict(shape=(6, 5, 3)), dict(dtype=torch.bfloat16), dict(guard="two_sided"),
+    dict(guard="two_sided", reject=True), dict(guard="two_sided", reject="under"),
 ])
 def test_prior_supplied_matches_composite(case):
     shape = case.get("shape", (8, 5, 3, 7))
@@ -73,13 +75,13 @@ def test_prior_supplied_matches_composite(case):
     if not case.get("no_prior"):
         mp = torch.randn(groups, shape[1], device=DEVICE)
         vp = torch.rand(groups, shape[1], device=DEVICE) + 0.5
-        if case.get("reject"):
-            vp = vp * 1e4  # mean ratio far above the guard threshold
+        if case.get("reject"):  # mean ratio far above (or below) the guard threshold
+            vp = vp * (1e-4 if case["reject"] == "under" else 1e4)
         if case.get("nonfinite"):
             mp[1, 2] = float("inf")
         prior = (mp.requires_grad_(), vp.requires_grad_())
     kw = dict(groups=groups, gain=case.get("gain", 0.7),
-              detach_prior=case.get("detach_prior", False))
+              detach_prior=case.get("detach_prior", False), guard=case.get("guard", "upper"))
     expected = _functional("composite", x, prior, case.get("affine", True), **kw)
     got = _functional("triton", x, prior, case.get("affine", True), **kw)
     assert got[0].dtype == dtype and got[0].is_contiguous(
@@ -317,7 +319,8 @@ def test_gain_kernel_equals_measured_gain(groups, channels, case):
 def test_measured_gain_adds_no_torch_operations():
     """The measured gain is one kernel between stats and apply, not a dozen small torch
     launches: the forward of a step issues no torch compute operation (only allocations, the
-    seed draw and what the interpreter does to move arguments), with either gain rule."""
+    seed draw and what the interpreter does to move arguments), with either gain rule and
+    decisions per layer or per group."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     allowed = ("aten.empty", "aten.new_empty", "aten.set_", "aten.copy_", "aten.select",
@@ -336,10 +339,11 @@ def test_measured_gain_adds_no_torch_operations():
     x = _inputs((8, 5, 3, 3), torch.float32)
     prior = (torch.randn(4, 5, device=DEVICE), torch.rand(4, 5, device=DEVICE) + 0.5)
     for rule in ("fixed", "kalman"):
-        options = KF.StepOptions(real_rows=8, groups=4, gain_rule=rule)
-        with Compute() as mode:
-            triton_ops.training_step(x, None, None, options, prior=prior)
-        assert mode.ops == [], (rule, mode.ops)
+        for decisions in ("layer", "group"):
+            options = KF.StepOptions(real_rows=8, groups=4, gain_rule=rule, decisions=decisions)
+            with Compute() as mode:
+                triton_ops.training_step(x, None, None, options, prior=prior)
+            assert mode.ops == [], (rule, decisions, mode.ops)
 
 
 @pytest.mark.parametrize("case", [
@@ -416,3 +420,167 @@ def test_host_helpers_equal_tritons():
 
     assert all(triton_ops._pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
     assert all(triton_ops._cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))
+
+
+# decisions="group": the guard and the measured gain decided per statistics group
+
+
+@pytest.mark.parametrize("gain_rule", ["fixed", "kalman"])
+@pytest.mark.parametrize("case", [
+    dict(), dict(guard="two_sided"), dict(nonfinite=True), dict(invalid=True),
+    dict(one_row=True), dict(channels_last=True), dict(affine=False), dict(detach_prior=True),
+    dict(shape=(6, 5)), dict(dtype=torch.bfloat16), dict(all_rejected=True),
+])
+def test_group_decisions_match_composite(gain_rule, case):
+    """Per-group guard and measured gain: group 2's prior trips the guard while the others are
+    used (and group 1's is non-finite, or marked invalid by a ``[S]`` ``prior_valid``); the
+    decisions ``[S]``, outputs, statistics and every gradient equal the composite form's, and a
+    rejected group's prior gets exactly zero gradient. ``one_row``: one real row per group (the
+    measured gain's sampling noise instead of the rows' spread)."""
+    shape = case.get("shape", (4 if case.get("one_row") else 8, 5, 3, 7))
+    dtype = case.get("dtype", torch.float32)
+    groups = 4 if len(shape) == 4 else 3
+    x = _inputs(shape, dtype, case.get("channels_last", False))
+    gen = torch.Generator().manual_seed(1)
+    mp = torch.randn(groups, shape[1], generator=gen).to(DEVICE)
+    vp = (torch.rand(groups, shape[1], generator=gen) + 0.5).to(DEVICE)
+    vp[2] = vp[2] * (1e4 if case.get("guard") != "two_sided" else 1e-4)  # trips the guard
+    if case.get("all_rejected"):
+        vp = vp * 1e4
+    if case.get("nonfinite"):
+        mp[1, 2] = float("inf")
+    valid = None
+    if case.get("invalid"):
+        valid = torch.tensor([True, False, True, True][:groups], device=DEVICE)
+    prior = (mp.requires_grad_(), vp.requires_grad_())
+    kw = dict(groups=groups, gain=0.7, detach_prior=case.get("detach_prior", False),
+              guard=case.get("guard", "upper"), gain_rule=gain_rule, decisions="group",
+              prior_valid=valid)
+    expected = _functional("composite", x, prior, case.get("affine", True), **kw)
+    got = _functional("triton", x, prior, case.get("affine", True), **kw)
+    used = expected[3]
+    assert got[3].shape == used.shape == (groups,) and torch.equal(got[3], used)
+    rejected = [2] + ([1] if case.get("nonfinite") or case.get("invalid") else [])
+    assert not used[rejected].any()
+    assert bool(used.any()) != bool(case.get("all_rejected"))
+    for a, b in zip(got, expected):
+        _close(a, b, dtype)
+    if not case.get("detach_prior"):
+        for grad in got[-2:]:  # the prior's gradients: zero for a rejected group
+            assert torch.equal(grad[~used], torch.zeros_like(grad[~used]))
+
+
+def test_group_decisions_are_the_groups_own():
+    """With decisions per group, group 0's output and gradients by the kernels do not depend on
+    what the other groups hold (their rows or priors), bitwise."""
+    opts = dict(groups=4, gain=0.9, gain_rule="kalman", decisions="group")
+    outs = []
+    for other in (1.0, 1e3):
+        x = _inputs((8, 5, 3, 7), torch.float32).detach()
+        mp = torch.randn(4, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        vp = torch.rand(4, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE) + 0.5
+        x[2:] *= other
+        vp[1:] *= other
+        x.requires_grad_()
+        y, mean, var, used = KF.batch_kalman_norm(x, (mp, vp), None, None, backend="triton",
+                                                  **opts)
+        (grad,) = torch.autograd.grad((y[:2] * y[:2]).sum(), x)
+        outs.append((y[:2], mean[0], var[0], used[0], grad[:2]))
+    assert bool(outs[0][3]) and all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(gain_rule="kalman"), dict(gain_rule="kalman", propagate="normalized", steps=2),
+    dict(gain_rule="kalman", rows_per_group=2, running_stats="group0"),
+    dict(guard="two_sided", gain_rule="kalman", custom_ops=True),
+    dict(gain_rule="kalman", channels_last=True, momentum=None, steps=2),
+])
+def test_group_decisions_in_a_model_match_composite(case, monkeypatch):
+    """The model of :func:`test_shadow_rows_match_composite_in_a_model` with decisions per
+    group: outputs, every gradient, running buffers and the guard counters (one decision per
+    group: 2 groups x the 2 layers that get a prior, per step)."""
+    case = dict(case)
+    if case.pop("custom_ops", False):
+        monkeypatch.setitem(triton_ops._state, "ops", True)
+    rows = case.pop("rows_per_group", 1)
+    steps = case.pop("steps", 1)
+    channels_last = case.pop("channels_last", False)
+    results = {}
+    for backend in ("composite", "triton"):
+        x = _inputs((4, 5, 5, 6), torch.float32, channels_last)
+        results[backend] = _model_step(backend, x, rows, steps, decisions="group", **case)
+    (ys_c, grads_c, bufs_c, counts_c), (ys_t, grads_t, bufs_t, counts_t) = \
+        results["composite"], results["triton"]
+    for a, b in zip(ys_t + grads_t + bufs_t, ys_c + grads_c + bufs_c):
+        _close(a, b, torch.float32, float32_tol=1e-4)
+    assert counts_t == counts_c and counts_t["priors"] == 2 * 2 * steps
+
+
+@pytest.mark.parametrize("gain_rule", ["fixed", "kalman"])
+@pytest.mark.parametrize("fault", ["nonfinite", "tripped"])
+def test_group_decisions_reject_one_groups_shadow_prior(gain_rule, fault):
+    """Group 1's incoming shadow row has a non-finite value, or is so large that its guard
+    trips: only group 1 falls back to its observed statistics (one fallback of two priors),
+    group 0 uses its prior; outputs, every gradient (finite) and the counters equal the
+    composite form's."""
+    results = {}
+    for backend in ("composite", "triton"):
+        torch.manual_seed(0)
+        opts = dict(micro_batch=2, gain_rule=gain_rule, decisions="group")
+        model = kn.KalmanPredictor(nn.Sequential(kn.BatchKalmanNorm2d(3, **opts),
+                                                 kn.BatchKalmanNorm2d(3, **opts)))
+        def hook(module, args, out):  # row 5: group 1's shadow row (real rows 0..3)
+            keep, bad = torch.ones_like(out), torch.zeros_like(out)
+            keep[5] = 0.0
+            bad[5] = torch.linspace(1, 2, out[0].numel(), device=out.device).view(out[0].shape)
+            if fault == "nonfinite":  # one value: the prior is offered (a non-zero variance)
+                bad[5, 1, 2, 3] = float("inf")
+            else:
+                bad[5] *= 1e4
+            return out * keep + bad
+
+        model.module[0].register_forward_hook(hook)
+        x = _inputs((4, 3, 4, 4), torch.float32)
+        with kn.use_backend(backend), triton_ops.torch_noise():
+            y = model.to(DEVICE)(x)
+            (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape)).sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        assert kn.guard_report(model) == {"fallbacks": 1, "priors": 2}
+        results[backend] = [y, x.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(results["triton"], results["composite"]):
+        _close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("gain_rule", ["fixed", "kalman"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_group_decisions_shadow_rows_gradients(gain_rule, normalized):
+    """One step with the prior from the incoming shadow rows (2 per group): group 1's hold a
+    non-finite value and group 2's trip the guard. The kernels' decisions, output, statistics
+    and gradients (real rows, every shadow row, weight, bias) equal the composite form's; the
+    shadow rows of the rejected groups get exactly zero gradient, the others not."""
+    groups, m, k = 4, 2, 2
+    x = _inputs((groups * (m + k), 5, 3, 4), torch.float32).detach()
+    x[groups * m + 1 * k, 2, 1, 1] = float("nan")
+    x[groups * m + 2 * k: groups * m + 3 * k] *= 1e3
+    options = KF.StepOptions(real_rows=groups * m, groups=groups, gain=0.8, shadow_rows=k,
+                             shadow_prior=True, normalized=normalized, gain_rule=gain_rule,
+                             decisions="group")
+    results = {}
+    for backend in ("composite", "triton"):
+        xi = x.clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, 5, device=DEVICE).requires_grad_()
+        b = torch.linspace(-1, 1, 5, device=DEVICE).requires_grad_()
+        gen = torch.Generator(DEVICE).manual_seed(5)
+        with triton_ops.torch_noise():
+            r = KF.training_step(xi, w, b, options, generator=gen, backend=backend)
+        g = torch.linspace(-1, 1, r.y.numel(), device=DEVICE).view(r.y.shape)
+        grads = torch.autograd.grad((r.y * g).sum() + r.var.sum(), [xi, w, b])
+        results[backend] = [r.y, r.mean, r.var, r.used, r.available, *grads]
+    got, expected = results["triton"], results["composite"]
+    assert torch.equal(got[3], expected[3]) and got[3].tolist() == [True, False, False, True]
+    assert torch.equal(got[4], expected[4]) and bool(got[4].all())
+    for a, e in zip(got, expected):
+        _close(a, e, torch.float32)
+    shadow = got[5][groups * m:].reshape(groups, k, -1)
+    assert torch.isfinite(got[5]).all()
+    assert not shadow[1:3].any() and shadow[0].any() and shadow[3].any()

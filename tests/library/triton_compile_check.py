@@ -51,13 +51,23 @@ def main(prior: int, dtype: str, flags: str) -> None:
 
     has_w, has_b, normalized, noise = (c == "1" for c in flags)
     tile = dict(BC=4, BL=128)
-    compile_for_hopper(K.stats_kernel, dtype, PRIOR=prior, HAS_PVALID=noise, **tile)
-    compile_for_hopper(K.apply_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
-                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
-                       RENORM=prior == 0, LIM_FROM_PTR=noise, RB=256, **tile)
-    compile_for_hopper(K.backward_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
-                       NORMALIZED=normalized, NOISE_FROM_PTR=noise, GAIN_FROM_PTR=has_b,
-                       PRIOR_GRAD=prior > 0, HAS_GMV=has_w, RENORM=prior == 0, **tile)
+    # decisions for the layer; with a prior also per group with the measured gain (the rows'
+    # spread, the guard reduced per group, the gains and flags per group)
+    scopes = [dict(GROUP=False, MEASURE=False, ROWS=False, TWO_SIDED=normalized)]
+    if prior:
+        scopes.append(dict(GROUP=True, MEASURE=True, ROWS=True, TWO_SIDED=noise))
+    for scope in scopes:
+        group = scope.pop("GROUP")
+        compile_for_hopper(K.stats_kernel, dtype, PRIOR=prior, HAS_PVALID=noise, **scope,
+                           **tile)
+        compile_for_hopper(K.apply_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
+                           NORMALIZED=normalized, NOISE_FROM_PTR=noise,
+                           GAIN_FROM_PTR=has_b and not group, RENORM=prior == 0,
+                           LIM_FROM_PTR=noise, GROUP=group, RB=256, **scope, **tile)
+        compile_for_hopper(K.backward_kernel, dtype, PRIOR=prior, HAS_W=has_w, HAS_B=has_b,
+                           NORMALIZED=normalized, NOISE_FROM_PTR=noise,
+                           GAIN_FROM_PTR=has_b or group, PRIOR_GRAD=prior > 0, HAS_GMV=has_w,
+                           RENORM=prior == 0, GROUP=group, **tile)
     compile_for_hopper(K.buffers_kernel, TRACK=has_w, GROUP0=normalized, COUNT_GUARD=has_b,
                        BC=64)
     compile_for_hopper(K.gain_kernel, GROUPED=has_w, SB=16 if has_b else 1, BC=256)

@@ -2,26 +2,37 @@
 
 Imported only where ``triton`` is installed (see :mod:`.triton_ops`, which launches them). One
 program owns a *slab*: the rows of one statistics group ``s`` (``m`` real rows, ``K`` shadow
-rows) for a block of ``BC`` channels, all positions. Everything a slab needs is local to it
-except the layer-wide guard decision (a mean over all ``[S, C]``), the running buffers and
-dweight/dbias (sums over ``S``):
+rows) for a block of ``BC`` channels, all positions; the programs of group ``s`` are ``s * ncb``
+to ``s * ncb + ncb - 1`` (``ncb`` channel blocks). Everything a slab needs is local to it except
+the guard and measured-gain decisions (means over the channels of the group, or with
+``decisions="layer"`` over all ``[S, C]``), the running buffers and dweight/dbias (sums over
+``S``):
 
 - ``stats_kernel``: two-pass float32 moments of the real rows and of the prior (shadow rows with
-  non-finite values zeroed and counted, or a supplied prior), and one partial record per program
-  for the guard (``sum(var_prior / var_obs)``, whether any prior variance is non-zero, the
-  non-finite count);
-- ``gain_kernel`` (``gain_rule="kalman"`` only): one program reads the ``[4, S, C]`` statistics
-  and writes the measured gain ``min(gain, p)`` (:func:`~.composite.measured_gain`) to a device
-  scalar, in place of a dozen small torch operations;
-- ``apply_kernel``: every program reduces the partial records in the same fixed order (so all
-  agree on the guard without a grid barrier), then the Kalman update, ``y`` for the real rows
-  and fresh samples ``mean + std * noise`` for the shadow rows, the noise from Philox by
-  ``(seed, flat index)``, regenerated rather than stored;
+  non-finite values zeroed and counted, or a supplied prior, or the caller's validity per group),
+  and one partial record per program for the guard (``sum(var_prior / var_obs)``, or of its log
+  for the two-sided guard, whether any prior variance is non-zero, the non-finite count); with
+  the measured gain per group also the sums of its squared errors ``d`` and of the rows' spread
+  ``a`` (:func:`~.composite.row_spread`): with ``m >= 2`` the moments come from each row's own
+  two-pass moments (law of total variance, the same two reads of the slab), whose spread over
+  the rows is taken by Welford;
+- ``gain_kernel`` (``gain_rule="kalman"``, ``decisions="layer"`` only): one program reads the
+  ``[4, S, C]`` statistics and writes the layer's measured gain ``min(gain, p)``
+  (:func:`~.composite.measured_gain`) to a device scalar, in place of a dozen small torch
+  operations;
+- ``apply_kernel``: every program reduces the partial records in the same fixed order, all of
+  them for the layer's decision or its own group's ``ncb`` for the group's (so all programs
+  that share a decision agree on it without a grid barrier), and per group the measured gain
+  ``min(gain, a / max(d, a))``; then the Kalman update, ``y`` for the real rows and fresh
+  samples ``mean + std * noise`` for the shadow rows, the noise from Philox by ``(seed, flat
+  index)``, regenerated rather than stored; the decisions ``[used, available]`` (``[2, S]`` per
+  group) and the groups' gains are written for the backward and the counters;
 - ``backward_kernel``: per slab ``sum(g)``, ``sum(g (x - mean_obs))``, the shadow rows'
-  ``sum(g)``, ``sum(g noise)``, the ``[S, C]`` chain in closed form, then ``dx`` (second read of
-  the slab, in L2); per-(s, c) partials of dweight/dbias, summed over ``S`` by the caller;
+  ``sum(g)``, ``sum(g noise)``, the ``[S, C]`` chain in closed form (with the slab's group's
+  decision and gain: a rejected prior gets zero gradient), then ``dx`` (second read of the
+  slab, in L2); per-(s, c) partials of dweight/dbias, summed over ``S`` by the caller;
 - ``buffers_kernel``: running averages (as :func:`~.composite.update_running_stats`),
-  ``num_batches_tracked`` and the guard counters.
+  ``num_batches_tracked`` and the guard counters (one count per decision: per group or one).
 
 Statistics are float32 for every input dtype; strides ``(sN, sC, sL)`` let one body serve NCHW and
 channels-last. Reductions run in a fixed order and nothing uses float atomics, so results are
@@ -84,17 +95,51 @@ def _moments(X, row0, nrows, c, cmask, sN, sC, sL, L, ZERO_NONFINITE: tl.constex
 
 
 @triton.jit
-def stats_kernel(X, sN, sC, sL, STATS, PART, MP, VP, PVALID, S, C, L, m, K, real_rows,
-                 PRIOR: tl.constexpr, HAS_PVALID: tl.constexpr, BC: tl.constexpr,
-                 BL: tl.constexpr):
-    """Launch 1: ``STATS[0..3, s, c] = mean_obs, var_obs, mean_prior, var_prior`` and the guard's
-    partial record ``PART[0..2, program]``."""
+def _row_moments(X, row0, nrows, c, cmask, sN, sC, sL, L, BC: tl.constexpr, BL: tl.constexpr):
+    """The moments of ``nrows`` rows from each row's own two-pass moments (the same two reads of
+    the slab as :func:`_moments`): the mean and biased variance of all the rows (law of total
+    variance: mean of the rows' variances plus the spread of their means) and, over the rows
+    (Welford), the sums of squared deviations of the rows' log-variances and of their means,
+    what :func:`~.composite.row_spread` takes the unbiased variance of."""
+    mean = tl.zeros([BC], dtype=tl.float32)
+    m2 = tl.zeros([BC], dtype=tl.float32)
+    lmean = tl.zeros([BC], dtype=tl.float32)
+    lm2 = tl.zeros([BC], dtype=tl.float32)
+    vsum = tl.zeros([BC], dtype=tl.float32)
+    for r in range(0, nrows):
+        mr, vr, _ = _moments(X, row0 + r, 1, c, cmask, sN, sC, sL, L, False, BC, BL)
+        lr = tl.log(tl.maximum(vr, TINY))
+        k = r + 1.0
+        dm = mr - mean
+        mean += dm / k
+        m2 += dm * (mr - mean)
+        dl = lr - lmean
+        lmean += dl / k
+        lm2 += dl * (lr - lmean)
+        vsum += vr
+    return mean, (vsum + m2) / nrows, lm2, m2
+
+
+@triton.jit
+def stats_kernel(X, sN, sC, sL, STATS, PART, MP, VP, PVALID, pv_stride, S, C, L, m, K,
+                 real_rows, PRIOR: tl.constexpr, HAS_PVALID: tl.constexpr,
+                 TWO_SIDED: tl.constexpr, MEASURE: tl.constexpr, ROWS: tl.constexpr,
+                 BC: tl.constexpr, BL: tl.constexpr):
+    """Launch 1: ``STATS[0..3, s, c] = mean_obs, var_obs, mean_prior, var_prior`` and the
+    partial record ``PART[0..4, program]`` of the guard (``sum(var_prior / var_obs)``, or of
+    the log of the ratio with ``TWO_SIDED``; whether any prior variance is non-zero; the
+    non-finite count) and, with ``MEASURE`` (the measured gain per group), of the gain (the
+    summed squared errors ``d`` and, with ``ROWS``, the summed row spreads ``a``, see
+    :func:`~.composite.measured_gain`). ``PVALID[s * pv_stride]``: the caller's validity."""
     s = tl.program_id(0)
     cb = tl.program_id(1)
     c = cb * BC + tl.arange(0, BC)
     cmask = c < C
     SC = S * C
-    mo, vo, _ = _moments(X, s * m, m, c, cmask, sN, sC, sL, L, False, BC, BL)
+    if ROWS:
+        mo, vo, lm2, mm2 = _row_moments(X, s * m, m, c, cmask, sN, sC, sL, L, BC, BL)
+    else:
+        mo, vo, _ = _moments(X, s * m, m, c, cmask, sN, sC, sL, L, False, BC, BL)
     tl.store(STATS + 0 * SC + s * C + c, mo, mask=cmask)
     tl.store(STATS + 1 * SC + s * C + c, vo, mask=cmask)
     if PRIOR != 0:
@@ -107,33 +152,65 @@ def stats_kernel(X, sN, sC, sL, STATS, PART, MP, VP, PVALID, S, C, L, m, K, real
             vp = tl.load(VP + s * C + c, mask=cmask, other=0.0).to(tl.float32)
             nonfinite = tl.sum(tl.where(cmask & ~_finite(mp), 1.0, 0.0), axis=0)
             if HAS_PVALID:
-                nonfinite += tl.where(tl.load(PVALID) != 0, 0.0, 1.0)
+                nonfinite += tl.where(tl.load(PVALID + s * pv_stride) != 0, 0.0, 1.0)
         tl.store(STATS + 2 * SC + s * C + c, mp, mask=cmask)
         tl.store(STATS + 3 * SC + s * C + c, vp, mask=cmask)
         pid = s * tl.num_programs(1) + cb
         nprog = tl.num_programs(0) * tl.num_programs(1)
-        tl.store(PART + pid, tl.sum(tl.where(cmask, vp / tl.where(cmask, vo, 1.0), 0.0), axis=0))
+        if TWO_SIDED:
+            q = tl.log(tl.maximum(vp, TINY, propagate_nan=tl.PropagateNan.ALL)
+                       / tl.maximum(vo, TINY, propagate_nan=tl.PropagateNan.ALL))
+        else:
+            q = vp / tl.where(cmask, vo, 1.0)
+        tl.store(PART + pid, tl.sum(tl.where(cmask, q, 0.0), axis=0))
         tl.store(PART + nprog + pid, tl.max(tl.where(cmask & (vp != 0), 1.0, 0.0), axis=0))
         tl.store(PART + 2 * nprog + pid, nonfinite)
+        if MEASURE:  # non-finite where the guard rejects the prior, which leaves p unused
+            scale = tl.maximum(vo, TINY, propagate_nan=tl.PropagateNan.ALL)
+            dl = tl.log(tl.maximum(vp, TINY, propagate_nan=tl.PropagateNan.ALL)) - tl.log(scale)
+            dm = mp - mo
+            tl.store(PART + 3 * nprog + pid,
+                     tl.sum(tl.where(cmask, dl * dl + dm * dm / scale, 0.0), axis=0))
+            if ROWS:
+                spread = (lm2 + mm2 / scale) / (m - 1)
+                tl.store(PART + 4 * nprog + pid, tl.sum(tl.where(cmask, spread, 0.0), axis=0))
 
 
 @triton.jit
-def _guard(PART, nprog, SC, guard_threshold, RB: tl.constexpr):
-    """The layer-wide guard from all partial records, summed in a fixed order (every program
-    computes the same result): the prior is used if some prior variance is non-zero, nothing is
-    non-finite and ``mean(var_prior / var_obs)`` is finite and below the threshold."""
+def _part_sum(PART, first, count, RB: tl.constexpr):
+    """The sum of the partial records ``PART[first:first + count]`` in a fixed order."""
+    acc = tl.zeros([RB], dtype=tl.float32)
+    for p0 in range(0, count, RB):
+        p = p0 + tl.arange(0, RB)
+        acc += tl.load(PART + first + p, mask=p < count, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _guard(PART, nprog, first, count, values, guard_threshold, TWO_SIDED: tl.constexpr,
+           RB: tl.constexpr):
+    """The guard from the partial records of programs ``first .. first + count - 1`` (all of
+    them for the layer-wide guard, those of one group for the group's), ``values`` statistics
+    behind them, summed in a fixed order (every program reading them computes the same result):
+    the prior is used if some prior variance is non-zero, nothing is non-finite and the mean
+    ratio ``var_prior / var_obs`` is finite and below the threshold (``TWO_SIDED``: the mean
+    log-ratio within ``log(threshold)`` of zero)."""
     ratio = tl.zeros([RB], dtype=tl.float32)
     avail = tl.zeros([RB], dtype=tl.float32)
     nonfinite = tl.zeros([RB], dtype=tl.float32)
-    for p0 in range(0, nprog, RB):
-        p = p0 + tl.arange(0, RB)
-        pm = p < nprog
+    for p0 in range(0, count, RB):
+        p = first + p0 + tl.arange(0, RB)
+        pm = p < first + count
         ratio += tl.load(PART + p, mask=pm, other=0.0)
         avail = tl.maximum(avail, tl.load(PART + nprog + p, mask=pm, other=0.0))
         nonfinite += tl.load(PART + 2 * nprog + p, mask=pm, other=0.0)
-    r = tl.sum(ratio, axis=0) / SC
+    r = tl.sum(ratio, axis=0) / values
     available = tl.max(avail, axis=0) > 0
-    used = available & _finite(r) & (r < guard_threshold) & (tl.sum(nonfinite, axis=0) == 0)
+    if TWO_SIDED:
+        inside = tl.abs(r) < tl.log(guard_threshold)
+    else:
+        inside = r < guard_threshold
+    used = available & _finite(r) & inside & (tl.sum(nonfinite, axis=0) == 0)
     return used, available
 
 
@@ -249,14 +326,20 @@ def _noise(NOISE, seed, flat, mask, NOISE_FROM_PTR: tl.constexpr):
 @triton.jit
 def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEANVAR, NOISE,
                  SEED, GAIN, RM, RV, LIM, RD, S, C, L, m, K, real_rows, gain, eps,
-                 guard_threshold, rmax, dmax, PRIOR: tl.constexpr, HAS_W: tl.constexpr,
-                 HAS_B: tl.constexpr, NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
-                 GAIN_FROM_PTR: tl.constexpr, RENORM: tl.constexpr,
-                 LIM_FROM_PTR: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
-                 BL: tl.constexpr):
+                 guard_threshold, single_group_noise, rmax, dmax, PRIOR: tl.constexpr,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, NORMALIZED: tl.constexpr,
+                 NOISE_FROM_PTR: tl.constexpr, GAIN_FROM_PTR: tl.constexpr,
+                 RENORM: tl.constexpr, LIM_FROM_PTR: tl.constexpr, GROUP: tl.constexpr,
+                 TWO_SIDED: tl.constexpr, MEASURE: tl.constexpr, ROWS: tl.constexpr,
+                 RB: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr):
     """Launch 2: guard, combined statistics ``MEANVAR[0..1, s, c]``, ``y`` for the real rows,
-    ``K`` fresh samples per group into the shadow rows of ``Y``; ``FLAGS = [used, available]``.
-    ``GAIN_FROM_PTR``: the gain is a device scalar (the measured gain), not ``gain``.
+    ``K`` fresh samples per group into the shadow rows of ``Y``; ``FLAGS = [used, available]``,
+    or with ``GROUP`` (decisions per group) ``FLAGS[0..1, s]``, each group's guard reduced
+    from its own programs' partial records only.
+    ``GAIN_FROM_PTR``: the gain is a device scalar (the layer's measured gain), not ``gain``.
+    ``MEASURE`` (with ``GROUP``): the gain is ``min(gain, p[s])``, ``p[s]`` the group's
+    measured gain from its programs' partials (the observation noise from its rows' spread with
+    ``ROWS``, else ``single_group_noise``), written to ``GAIN[s]`` for the backward.
     ``RENORM`` (no prior, no shadow rows): Batch Renormalization, ``r = clip(sqrt(var + eps) /
     sigma, 1 / rmax, rmax)``, ``d = clip((mean - RM) / sigma, -dmax, dmax)`` with ``sigma =
     sqrt(RV + eps)`` (limits from ``LIM[0..1]`` with ``LIM_FROM_PTR``), kept in ``RD[0..1, s,
@@ -272,8 +355,26 @@ def apply_kernel(X, Y, sN, sC, sL, ySN, ySC, ySL, STATS, PART, FLAGS, W, B, MEAN
     available = s < 0
     if PRIOR != 0:
         nprog = tl.num_programs(0) * tl.num_programs(1)
-        used, available = _guard(PART, nprog, SC, guard_threshold, RB)
-    if (s == 0) & (cb == 0):
+        if GROUP:  # group s's programs are s * ncb .. s * ncb + ncb - 1
+            ncb = tl.num_programs(1)
+            used, available = _guard(PART, nprog, s * ncb, ncb, C, guard_threshold, TWO_SIDED,
+                                     RB)
+            if MEASURE:
+                d = _part_sum(PART + 3 * nprog, s * ncb, ncb, RB) / C
+                a = single_group_noise
+                if ROWS:
+                    a = _part_sum(PART + 4 * nprog, s * ncb, ncb, RB) / C / m
+                p = a / tl.maximum(d, a, propagate_nan=tl.PropagateNan.ALL)
+                gain = tl.minimum(tl.where(_finite(p), p, 0.0), gain)
+                if cb == 0:
+                    tl.store(GAIN + s, gain)
+        else:
+            used, available = _guard(PART, nprog, 0, nprog, SC, guard_threshold, TWO_SIDED, RB)
+    if GROUP:
+        if cb == 0:
+            tl.store(FLAGS + s, used)
+            tl.store(FLAGS + S + s, available)
+    elif (s == 0) & (cb == 0):
         tl.store(FLAGS + 0, used)
         tl.store(FLAGS + 1, available)
     ren_r = tl.full([BC], 1.0, tl.float32)
@@ -317,20 +418,26 @@ def backward_kernel(X, DY, DX, sN, sC, sL, gSN, gSC, gSL, STATS, FLAGS, W, B, NO
                     PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     NORMALIZED: tl.constexpr, NOISE_FROM_PTR: tl.constexpr,
                     GAIN_FROM_PTR: tl.constexpr, PRIOR_GRAD: tl.constexpr,
-                    HAS_GMV: tl.constexpr, RENORM: tl.constexpr, BC: tl.constexpr,
-                    BL: tl.constexpr):
+                    HAS_GMV: tl.constexpr, RENORM: tl.constexpr, GROUP: tl.constexpr,
+                    BC: tl.constexpr, BL: tl.constexpr):
     """The whole backward of a slab: sums, the closed-form ``[S, C]`` chain, ``dx`` (real and
     incoming shadow rows), the prior's gradient (``GPRIOR``) and per-(s, c) dweight/dbias
     partials (``GPART``). ``DX`` has ``X``'s strides. The gain is a constant of the backward
-    (the measured gain carries no gradient)."""
-    if GAIN_FROM_PTR:
-        gain = tl.load(GAIN)
+    (the measured gain carries no gradient). ``GROUP``: the guard decision ``FLAGS[0, s]`` and
+    the gain ``GAIN[s]`` are the group's (a rejected group's prior gets zero gradient)."""
     s = tl.program_id(0)
     cb = tl.program_id(1)
     c = cb * BC + tl.arange(0, BC)
     cmask = c < C
     SC = S * C
-    used = tl.load(FLAGS + 0) != 0
+    if GROUP:
+        used = tl.load(FLAGS + s) != 0
+        if GAIN_FROM_PTR:
+            gain = tl.load(GAIN + s)
+    else:
+        used = tl.load(FLAGS + 0) != 0
+        if GAIN_FROM_PTR:
+            gain = tl.load(GAIN)
     ren_r = tl.full([BC], 1.0, tl.float32)
     ren_d = tl.zeros([BC], dtype=tl.float32)
     if RENORM:  # Batch Renormalization's correction, constants of the backward
@@ -446,12 +553,13 @@ def _group_average(MEAN, VAR, c, cmask, S, C, unbias, GROUP0: tl.constexpr, BC: 
 
 
 @triton.jit
-def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, momentum,
-                   unbias, TRACK: tl.constexpr, GROUP0: tl.constexpr, COUNT_GUARD: tl.constexpr,
-                   BC: tl.constexpr):
+def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, decisions,
+                   momentum, unbias, TRACK: tl.constexpr, GROUP0: tl.constexpr,
+                   COUNT_GUARD: tl.constexpr, BC: tl.constexpr):
     """One program: running averages of the combined statistics (left unchanged by a step with
     a non-finite statistic anywhere, as the composite form), ``num_batches_tracked += 1`` and,
-    with ``COUNT_GUARD``, the guard counters ``[fallbacks, priors offered]``."""
+    with ``COUNT_GUARD``, the guard counters ``[fallbacks, priors offered]``, counting each of
+    the step's ``decisions`` guard decisions (``USED``/``AVAIL``: one per group, or one)."""
     if TRACK:
         bad = tl.zeros([BC], dtype=tl.int32)
         for c0 in range(0, C, BC):
@@ -472,7 +580,14 @@ def buffers_kernel(MEAN, VAR, USED, AVAIL, RUN_MEAN, RUN_VAR, NBT, GUARD, S, C, 
                          mask=cmask)
         tl.store(NBT, tl.load(NBT) + 1)
     if COUNT_GUARD:
-        used = tl.load(USED) != 0
-        available = tl.load(AVAIL) != 0
-        tl.store(GUARD + 0, tl.load(GUARD + 0) + (available & ~used).to(tl.int64))
-        tl.store(GUARD + 1, tl.load(GUARD + 1) + available.to(tl.int64))
+        fallbacks = tl.zeros([BC], dtype=tl.int32)
+        offered = tl.zeros([BC], dtype=tl.int32)
+        for i0 in range(0, decisions, BC):
+            i = i0 + tl.arange(0, BC)
+            imask = i < decisions
+            used = tl.load(USED + i, mask=imask, other=0) != 0
+            available = tl.load(AVAIL + i, mask=imask, other=0) != 0
+            fallbacks += (available & ~used).to(tl.int32)
+            offered += available.to(tl.int32)
+        tl.store(GUARD + 0, tl.load(GUARD + 0) + tl.sum(fallbacks, axis=0).to(tl.int64))
+        tl.store(GUARD + 1, tl.load(GUARD + 1) + tl.sum(offered, axis=0).to(tl.int64))

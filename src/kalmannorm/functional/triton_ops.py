@@ -3,8 +3,9 @@
 Three operators wrap the kernels of :mod:`.triton_kernels` (docs/gpu.md):
 
 - ``kalmannorm::bkn_forward`` (functional, with a registered autograd formula): statistics,
-  guard, normalization and fresh shadow-row samples, 2 launches (3 with the measured
-  gain of ``gain_rule="kalman"``, which a one-program kernel computes between them);
+  guard, normalization and fresh shadow-row samples, 2 launches (3 with the measured gain of
+  ``gain_rule="kalman"`` decided for the layer, which a one-program kernel computes between
+  them; decided per group, ``decisions="group"``, the apply kernel computes it);
 - ``kalmannorm::bkn_backward`` (functional): the slab-local backward, 1 launch, plus one sum
   over the groups for dweight/dbias;
 - ``kalmannorm::bkn_update_buffers`` (mutates the layer's buffers): running averages,
@@ -12,7 +13,8 @@ Three operators wrap the kernels of :mod:`.triton_kernels` (docs/gpu.md):
 
 Being ``torch.library.triton_op`` operators, eager mode, ``torch.compile`` (no graph break; the
 compiler sees the kernels) and CUDA graphs run the same kernels. Nothing synchronises with the
-host: the guard is decided on the device. Samples come from Philox keyed by a seed tensor drawn
+host: the guard is decided on the device, per statistics group (``decisions="group"``, each
+group's decision from its own rows and prior) or for the layer, with either guard and gain rule. Samples come from Philox keyed by a seed tensor drawn
 on the device (one ``randint`` per layer step, from the caller's generator) and by each shadow
 element's index, and the backward regenerates them, so no noise is stored; they differ bitwise
 from ``torch.randn``'s stream (same distribution). Gradients are first-order; double backward
@@ -31,7 +33,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .composite import StepOptions, StepResult
+from .composite import DECISION_SCOPES, GAIN_RULES, GUARD_MODES, StepOptions, StepResult
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 triton = None
@@ -67,10 +69,10 @@ def supports(x: Tensor) -> bool:
 
 
 def supports_options(options: StepOptions) -> bool:
-    """The released update and the measured gain (``gain_rule="kalman"``) with a float gain and
-    the released (upper) guard, decided for the whole layer (``decisions="layer"``)."""
-    return options.guard == "upper" and options.gain_rule in ("fixed", "kalman") \
-        and options.decisions == "layer" and not isinstance(options.gain, Tensor)
+    """Every guard (``"upper"``, ``"two_sided"``), gain rule (``"fixed"``, ``"kalman"``) and
+    decision scope (``"group"``, ``"layer"``) with a float gain (not a warm-up's tensor)."""
+    return options.guard in GUARD_MODES and options.gain_rule in GAIN_RULES \
+        and options.decisions in DECISION_SCOPES and not isinstance(options.gain, Tensor)
 
 
 @contextlib.contextmanager
@@ -162,8 +164,12 @@ def without_launches() -> Iterator[None]:
 
 def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                   real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                  guard_threshold, measured, launch=_direct, renorm=None):
-    """``renorm``: ``(running_mean, running_var, limits, rd)`` for Batch Renormalization (no
+                  guard_threshold, measured, per_group=False, two_sided=False, launch=_direct,
+                  renorm=None):
+    """``per_group``: decisions per group (``flags`` ``[2, S]``, and with ``measured`` the
+    gains ``[S]``, written by the apply kernel); else for the layer (``flags`` ``[2]``, the
+    measured gain ``[1]`` from the gain kernel). ``prior_valid``: ``[1]`` or ``[S]``.
+    ``renorm``: ``(running_mean, running_var, limits, rd)`` for Batch Renormalization (no
     prior, no shadow rows): ``limits`` a float32 ``[2]`` tensor ``[r_max, d_max]`` or a pair of
     floats, ``rd`` the ``[2, S, C]`` float32 output of the correction ``(r, d)``."""
     x, sN, sC, sL = _strides(x)
@@ -174,21 +180,29 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
     bc, bl = _blocks(x, sC, groups)
     grid = (groups, _cdiv(channels, bc))
     nprog = grid[0] * grid[1]
+    per_group = per_group and prior_mode != K.NO_PRIOR  # no prior: no decision (0-dim flags)
+    measure = measured and per_group  # the measured gain per group: in the apply kernel
+    rows = measure and m >= 2  # the group's noise from its rows' spread
     stats = torch.empty((4, groups, channels), dtype=torch.float32, device=x.device)
-    part = torch.empty((3, nprog), dtype=torch.float32, device=x.device)
+    part = torch.empty((5 if measure else 3, nprog), dtype=torch.float32, device=x.device)
     meanvar = torch.empty((2, groups, channels), dtype=torch.float32, device=x.device)
-    flags = torch.empty(2, dtype=torch.bool, device=x.device)
+    flags = torch.empty((2, groups) if per_group else (2,), dtype=torch.bool, device=x.device)
     dummy = stats
     launch(K.stats_kernel)[grid](
         x, sN, sC, sL, stats, part,
         dummy if mean_prior is None else mean_prior, dummy if var_prior is None else var_prior,
         dummy if prior_valid is None else prior_valid,
+        0 if prior_valid is None or prior_valid.numel() == 1 else 1,
         groups, channels, length, m, kin, real_rows,
-        PRIOR=prior_mode, HAS_PVALID=prior_valid is not None, BC=bc, BL=bl,
+        PRIOR=prior_mode, HAS_PVALID=prior_valid is not None, TWO_SIDED=two_sided,
+        MEASURE=measure, ROWS=rows, BC=bc, BL=bl,
     )
     gains = stats.new_empty(0)
-    if measured and prior_mode != K.NO_PRIOR:  # gain_rule="kalman"
-        gains = _measured_gain(stats, m * length, gain, launch)
+    count = m * length
+    if measure:
+        gains = stats.new_empty(groups)
+    elif measured and prior_mode != K.NO_PRIOR:  # gain_rule="kalman" for the layer
+        gains = _measured_gain(stats, count, gain, launch)
     rm, rv, limits, rd = renorm if renorm is not None else (dummy, dummy, (0.0, 0.0), dummy)
     lim_ptr = isinstance(limits, Tensor)
     rmax, dmax = (0.0, 0.0) if lim_ptr else limits
@@ -197,11 +211,12 @@ def _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noi
         dummy if weight is None else weight, dummy if bias is None else bias, meanvar,
         dummy if noise is None else noise, seed, gains, rm, rv, limits if lim_ptr else dummy,
         rd, groups, channels, length, m, shadow_rows, real_rows, gain, eps, guard_threshold,
-        float(rmax), float(dmax),
+        2.0 / max(count - 1, 1) + 1.0 / count, float(rmax), float(dmax),
         PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
         NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None,
-        GAIN_FROM_PTR=gains.numel() > 0, RENORM=renorm is not None, LIM_FROM_PTR=lim_ptr,
-        RB=256, BC=bc, BL=bl,
+        GAIN_FROM_PTR=gains.numel() > 0 and not measure, RENORM=renorm is not None,
+        LIM_FROM_PTR=lim_ptr, GROUP=per_group, TWO_SIDED=two_sided, MEASURE=measure, ROWS=rows,
+        RB=256 if not per_group else min(256, _pow2(grid[1])), BC=bc, BL=bl,
     )
     return y, stats, meanvar, flags, gains
 
@@ -231,6 +246,8 @@ def _empty_rows(x: Tensor, rows: int, sC: int) -> Tensor:
 def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, grad_meanvar,
                    real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
                    prior_grad, launch=_direct, rd=None):
+    """``flags`` (``[2, S]`` for decisions per group, else ``[2]``) and ``gains`` (``[S]``,
+    ``[1]`` or empty) as the forward returned them."""
     x, sN, sC, sL = _strides(x)
     grad_y, gSN, gSC, gSL = _strides(grad_y)
     channels, length = x.shape[1], math.prod(x.shape[2:])
@@ -253,7 +270,8 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, gr
         PRIOR=prior_mode, HAS_W=weight is not None, HAS_B=bias is not None,
         NORMALIZED=normalized, NOISE_FROM_PTR=noise is not None,
         GAIN_FROM_PTR=gains.numel() > 0, PRIOR_GRAD=prior_grad,
-        HAS_GMV=grad_meanvar is not None, RENORM=rd is not None, BC=bc, BL=bl,
+        HAS_GMV=grad_meanvar is not None, RENORM=rd is not None, GROUP=flags.dim() == 2,
+        BC=bc, BL=bl,
     )
     return dx, gpart.sum(dim=1), gprior
 
@@ -261,11 +279,12 @@ def _backward_impl(grad_y, x, stats, flags, weight, bias, seed, noise, gains, gr
 def _buffers_impl(running_mean, running_var, num_batches_tracked, guard_counters, mean, var,
                   used, available, momentum, unbias, track, group0, launch=_direct,
                   count_guard=True):
+    """``used``, ``available``: the step's guard decisions (``[S]`` or one), counted each."""
     groups, channels = mean.shape
     launch(K.buffers_kernel)[(1,)](
         mean, var, used, available, running_mean, running_var, num_batches_tracked,
-        guard_counters, groups, channels, momentum, unbias, TRACK=track, GROUP0=group0,
-        COUNT_GUARD=count_guard, BC=min(_pow2(channels), 1024),
+        guard_counters, groups, channels, used.numel(), momentum, unbias, TRACK=track,
+        GROUP0=group0, COUNT_GUARD=count_guard, BC=min(_pow2(channels), 1024),
     )
 
 
@@ -301,7 +320,7 @@ def _backward_common(ctx, grad_y, grad_meanvar, backward):
     grad_mp = grad_vp = None
     if prior_mode == K.GIVEN_PRIOR and prior_grad:
         grad_mp, grad_vp = gprior[0].to(ctx.prior_dtypes[0]), gprior[1].to(ctx.prior_dtypes[1])
-    return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 13
+    return (dx, grad_w, grad_b, grad_mp, grad_vp) + (None,) * 15
 
 
 class _EagerStep(torch.autograd.Function):
@@ -311,10 +330,11 @@ class _EagerStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                 real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                guard_threshold, prior_grad, measured):
+                guard_threshold, prior_grad, measured, per_group, two_sided):
         y, stats, meanvar, flags, gains = _forward_impl(
             x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise, real_rows,
-            groups, shadow_rows, prior_mode, normalized, gain, eps, guard_threshold, measured)
+            groups, shadow_rows, prior_mode, normalized, gain, eps, guard_threshold, measured,
+            per_group, two_sided)
         _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, gains,
               (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad))
         return y, stats, meanvar, flags, gains
@@ -381,12 +401,13 @@ if triton is not None:
         prior_valid: Optional[Tensor], seed: Tensor, noise: Optional[Tensor],
         real_rows: int, groups: int, shadow_rows: int, prior_mode: int, normalized: bool,
         gain: float, eps: float, guard_threshold: float, prior_grad: bool, measured: bool,
+        per_group: bool, two_sided: bool,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(y, stats [4, S, C], meanvar [2, S, C], flags [used, available], gain [1] or
-        empty)``."""
+        """``(y, stats [4, S, C], meanvar [2, S, C], flags [used, available] ([2] or [2, S]),
+        gain [1], [S] or empty)``."""
         return _forward_impl(x, weight, bias, mean_prior, var_prior, prior_valid, seed, noise,
                              real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps,
-                             guard_threshold, measured, wrap_triton)
+                             guard_threshold, measured, per_group, two_sided, wrap_triton)
 
     @triton_op("kalmannorm::bkn_backward", mutates_args=())
     def bkn_backward(
@@ -414,7 +435,7 @@ if triton is not None:
 
     def _setup_context(ctx, inputs, output) -> None:
         (x, weight, bias, mean_prior, var_prior, _, seed, noise, real_rows, groups,
-         shadow_rows, prior_mode, normalized, gain, eps, _, prior_grad, _) = inputs
+         shadow_rows, prior_mode, normalized, gain, eps, _, prior_grad, _, _, _) = inputs
         _, stats, _, flags, gains = output
         _save(ctx, x, weight, bias, mean_prior, var_prior, seed, noise, stats, flags, gains,
               (real_rows, groups, shadow_rows, prior_mode, normalized, gain, eps, prior_grad))
@@ -454,12 +475,18 @@ def training_step(
         if o.detach_prior:
             mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
         mean_prior, var_prior = mean_prior.contiguous(), var_prior.contiguous()
-    valid = None if prior_valid is None else prior_valid.reshape(1)
+    valid = None  # [1] or [S] (a group's validity); contiguous for the kernel
+    if prior_valid is not None:
+        valid = prior_valid.reshape(-1).contiguous()
+        if valid.numel() not in (1, groups):
+            raise ValueError(f"prior_valid must be 0-dim or [{groups}] (got "
+                             f"{tuple(prior_valid.shape)})")
     step = bkn_forward if _use_ops() else _EagerStep.apply
     y, _, meanvar, flags, _ = step(
         x, weight, bias, mean_prior, var_prior, valid, seed, noise, o.real_rows, groups,
         o.shadow_rows, prior_mode, o.normalized, float(o.gain), float(o.eps),
-        float(o.guard_threshold), not o.detach_prior, o.gain_rule == "kalman")
+        float(o.guard_threshold), not o.detach_prior, o.gain_rule == "kalman",
+        o.decisions == "group", o.guard == "two_sided")
     return StepResult(y, meanvar[0], meanvar[1], flags[0], flags[1])
 
 
@@ -496,5 +523,6 @@ def update_buffers(running_mean: Optional[Tensor], running_var: Optional[Tensor]
     update = bkn_update_buffers if _use_ops() else _buffers_impl
     update(
         running_mean, running_var, num_batches_tracked, guard_counters,
-        step.mean.detach(), step.var.detach(), step.used, step.available,
+        step.mean.detach(), step.var.detach(), step.used.reshape(-1),
+        step.available.reshape(-1),
         float(momentum or 0.0), count / (count - 1), track, group0_only)
