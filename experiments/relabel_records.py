@@ -110,8 +110,10 @@ def relabel(path: str, trees: Dict[str, str]) -> bool:
     options = {**layer["options"], **implied}
     defaults = today_defaults(layer["class"])
     hidden = ("micro_batch", "gain") + (PRIOR_OPTIONS if options.get("gain") == 0 else ())
-    changed = [f"{k}={v}" for k, v in options.items()
-               if k not in hidden and defaults.get(k, object()) != v]
+    order = list(defaults)  # today's constructor order, as the harness's labels list them
+    changed = [f"{k}={options[k]}" for k in sorted(options, key=lambda k: (
+        order.index(k) if k in order else len(order))) if k not in hidden
+        and defaults.get(k, object()) != options[k]]
     if config.get("prediction", "sampled") != "sampled" and "KalmanNorm" in layer["class"]:
         changed.append(f"{config['prediction']} prediction")
     base = default_label(config["norm"], config.get("micro_batch"), config.get("gain"),

@@ -101,7 +101,10 @@ def main() -> None:
     parser.add_argument("records", nargs="+", help="record.json files or directories")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--reference", nargs="+",
-                        default=["BKN p=0.9, m=2", "BKN p=0.9, SGD batch 2"],
+                        default=["BKN (p=0.9), m=2, propagate=raw, running_stats=all, "
+                                 "gain_rule=fixed, decisions=layer",
+                                 "BKN (p=0.9), batch 2, propagate=raw, running_stats=all, "
+                                 "gain_rule=fixed, decisions=layer"],
                         help="labels each compared with the methods of the same protocol")
     args = parser.parse_args()
 
