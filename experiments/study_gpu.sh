@@ -33,6 +33,32 @@ else
         "$PY" .gpu/tools/make_cifar10.py "$DATA" || exit 1
     fi
     nvidia-smi -L
+    # The Triton kernels against the composite form on this GPU (group decisions, shadow rows,
+    # measured gain; same noise): any doubt and every run takes the composite form.
+    if ! "$PY" - <<'CHECK'
+import torch, kalmannorm as kn
+from kalmannorm.functional import triton_ops
+from kalmannorm.harness.models import build_model
+
+def step(backend):
+    torch.manual_seed(0)
+    model = build_model("preact_resnet20", 10, torch.nn.BatchNorm2d, width=8)
+    model = kn.convert_batchnorm(model, micro_batch=2).cuda()
+    x = torch.randn(16, 3, 32, 32, device="cuda", requires_grad=True)
+    with kn.use_backend(backend), triton_ops.torch_noise():
+        y = model(x)
+        y.square().sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+          for a, b in zip(step("triton"), step("composite")))
+print(f"triton vs composite (group decisions): largest relative error {err:.2e}")
+assert err < 1e-3
+CHECK
+    then
+        export KALMANNORM_BACKEND=composite
+        echo "Triton check failed: every run uses the composite form"
+    fi
     # MPS lets kernels of different processes run side by side; keep it only if CUDA works.
     if nvidia-cuda-mps-control -d 2>/dev/null; then
         if "$PY" -c "import torch; torch.zeros(1, device='cuda').sum().item()"; then
