@@ -368,8 +368,16 @@ def write_page(records_dir: str, page: str) -> str:
         f"- **Code:** commits {', '.join(c[:10] for c in commits)}.",
         "",
     ]
+    done = {(r["_family"], r["_row"], r["seed"]) for r in records if r["complete"]}
     for family in FAMILIES:
-        lines += [f"## {FAMILIES[family]}", ""] + table(cells, family) + [""]
+        planned = grid([family], None, [0, 1])
+        missing = [f"{row} (seed {seed})" for _, row, seed in planned
+                   if (family, row, seed) not in done]
+        lines += [f"## {FAMILIES[family]}", "",
+                  f"Complete: {len(planned) - len(missing)} of the {len(planned)} planned runs "
+                  "(every row of the family, seeds 0 and 1)"
+                  + (f"; missing: {', '.join(missing)}." if missing else "."), ""]
+        lines += table(cells, family) + [""]
         png = plot(records, family, os.path.join(out_dir, "study", f"{family}.png"))
         if png:
             lines += [f"![{family} curves](study/{family}.png)", ""]
