@@ -68,9 +68,11 @@ def supports(x: Tensor) -> bool:
 
 def supports_options(options: StepOptions) -> bool:
     """The released update and the measured gain (``gain_rule="kalman"``) with a float gain and
-    the released (upper) guard, decided for the whole layer (``decisions="layer"``)."""
+    the released (upper) guard, decided for the whole layer (``decisions="layer"``); not the
+    time prior."""
     return options.guard == "upper" and options.gain_rule in ("fixed", "kalman") \
-        and options.decisions == "layer" and not isinstance(options.gain, Tensor)
+        and options.decisions == "layer" and not isinstance(options.gain, Tensor) \
+        and not options.time_prior
 
 
 @contextlib.contextmanager
