@@ -124,6 +124,7 @@ class _BatchKalmanNorm(_GroupedNorm):
         gain_rule: str = "kalman",
         gain_warmup: int = 0,
         decisions: str = "group",
+        time_prior: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          micro_batch, running_stats)
@@ -141,6 +142,13 @@ class _BatchKalmanNorm(_GroupedNorm):
             raise ValueError(f"guard must be one of {KF.GUARD_MODES} (got {guard!r})")
         if gain_rule not in KF.GAIN_RULES:
             raise ValueError(f"gain_rule must be one of {KF.GAIN_RULES} (got {gain_rule!r})")
+        if not isinstance(time_prior, bool):
+            raise ValueError(f"time_prior must be a bool (got {time_prior!r})")
+        if time_prior and (gain_rule != "kalman" or decisions != "group"):
+            raise ValueError(
+                "time_prior=True weighs the running statistics by their measured error, per "
+                "group: it needs gain_rule='kalman' and decisions='group' (got gain_rule="
+                f"{gain_rule!r}, decisions={decisions!r}); set those, or time_prior=False")
         if isinstance(gain_warmup, bool) or not isinstance(gain_warmup, int) or gain_warmup < 0:
             raise ValueError(f"gain_warmup must be a non-negative int (got {gain_warmup!r})")
         if gain_warmup and not track_running_stats:
@@ -154,6 +162,7 @@ class _BatchKalmanNorm(_GroupedNorm):
         self.detach_prior = detach_prior
         self.propagate = propagate
         self.decisions = decisions
+        self.time_prior = time_prior
         # [fallbacks, priors offered]: how often the guard rejected an available prior. Not part
         # of the state dict, so BatchNorm checkpoints load unchanged.
         self.register_buffer(
@@ -169,7 +178,7 @@ class _BatchKalmanNorm(_GroupedNorm):
             f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
             f"propagate={self.propagate!r}, running_stats={self.running_stats!r}, "
             f"guard={self.guard!r}, gain_rule={self.gain_rule!r}, gain_warmup={self.gain_warmup}, "
-            f"decisions={self.decisions!r}"
+            f"decisions={self.decisions!r}, time_prior={self.time_prior}"
         )
 
     def _effective_gain(self):
@@ -227,10 +236,14 @@ class _BatchKalmanNorm(_GroupedNorm):
             guard_threshold=self.guard_threshold, shadow_rows=shadow_rows,
             shadow_prior=shadow_prior, normalized=self.propagate == "normalized",
             detach_prior=self.detach_prior, guard=self.guard, gain_rule=self.gain_rule,
-            decisions=self.decisions,
+            decisions=self.decisions, time_prior=self.time_prior,
         )
+        running = None
+        if self.time_prior and self.track_running_stats and self.running_mean is not None:
+            # read before this step's update; none yet until a step was tracked (a tensor flag)
+            running = (self.running_mean, self.running_var, self.num_batches_tracked > 0)
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
-                                  generator)
+                                  generator, running=running)
         if self.training:
             track = self.track_running_stats
             KF.update_buffers(
@@ -301,6 +314,17 @@ _DOC_OPTIONS = """
             device holding only its rows; ``"layer"`` decides once for the whole layer from all
             groups (the released code's guard, for exact reproduction), which couples the
             groups. Default: ``"group"``. The Triton kernels implement both.
+        time_prior: this library's extension, not the paper's: fuse the layer's running
+            statistics (``running_mean``, and ``running_var`` as it is, the unbiased estimate
+            that evaluation normalizes with) as a third source besides the observation and the
+            prediction from the layer below. Per group, each source is weighted by the inverse
+            of its error variance (the observation: its noise ``a``; a prior: its measured error
+            beyond ``a``), the prior weights capped together by ``gain``, and the statistics are
+            the moments of the three-component mixture (see
+            :func:`kalmannorm.functional.fusion_weights`). The running statistics get weight 0
+            before the first tracked step and with ``track_running_stats=False``. Needs
+            ``gain_rule="kalman"`` and ``decisions="group"``; runs the composite form on CUDA.
+            Default: ``False``.
 
     The running variance is unbiased (``count / (count - 1)`` with ``count`` the values per
     group); normalization uses the biased variance. Statistics are float32 for any input dtype.

@@ -29,6 +29,7 @@ __all__ = [
     "group_moments",
     "kalman_update",
     "measured_gain",
+    "fusion_weights",
     "GUARD_MODES",
     "GAIN_RULES",
     "DECISION_SCOPES",
@@ -75,6 +76,9 @@ class StepOptions(NamedTuple):
         detach_prior: no gradient through the prior.
         guard, gain_rule, decisions: see :func:`kalman_update`; ``gain`` may be a 0-dim tensor
             (a warm-up ramp). Each backend says which it implements (``supports_options``).
+        time_prior: fuse the layer's running statistics as a third source (the ``running``
+            argument of :func:`training_step`; see :func:`kalman_update`). Needs
+            ``gain_rule="kalman"`` and ``decisions="group"``.
     """
 
     real_rows: int
@@ -89,13 +93,15 @@ class StepOptions(NamedTuple):
     guard: str = "upper"
     gain_rule: str = "fixed"
     decisions: str = "layer"
+    time_prior: bool = False
 
 
 def released_update(options: StepOptions) -> bool:
     """Whether ``options`` ask for the released code's update (a float gain, the upper guard
     decided for the whole layer, the fixed gain rule), the one every backend implements."""
     return options.guard == "upper" and options.gain_rule == "fixed" \
-        and options.decisions == "layer" and not isinstance(options.gain, Tensor)
+        and options.decisions == "layer" and not isinstance(options.gain, Tensor) \
+        and not options.time_prior
 
 
 class StepResult(NamedTuple):
@@ -246,23 +252,88 @@ def measured_gain(
     """
     with torch.no_grad():
         log_obs = var_obs.clamp_min(_TINY).log()
-        log_prior = var_prior.clamp_min(_TINY).log()
         scale = var_obs.clamp_min(_TINY)
-        error = (log_prior - log_obs).square() + (mean_prior - mean_obs).square() / scale
+        error = _prior_error(mean_obs, var_obs, mean_prior, var_prior)
         groups = var_obs.shape[0]
-        # a fill, not a copy from the host: nothing here may synchronise (CUDA graph capture)
-        sampling = torch.full((), 2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
-                              dtype=var_obs.dtype)
         if decisions == "group":
             d = error.mean(dim=1)
-            a = sampling.expand(groups) if noise is None else noise.to(d.dtype)
+            a = _group_noise(var_obs, count, noise).to(d.dtype)
         elif groups >= 2:
             d = error.mean()
             a = (log_obs.var(dim=0) + mean_obs.var(dim=0) / scale.mean(dim=0)).mean()
         else:
-            d, a = error.mean(), sampling
+            d, a = error.mean(), _group_noise(var_obs, count, None)[0]
         p = a / torch.maximum(d, a)
         return torch.where(torch.isfinite(p), p, torch.zeros_like(p))
+
+
+def _prior_error(mean_obs: Tensor, var_obs: Tensor, mean_prior: Tensor,
+                 var_prior: Tensor) -> Tensor:
+    """``(log var_prior - log var_obs)^2 + (mean_prior - mean_obs)^2 / var_obs``, ``[S, C]``:
+    the squared prior-minus-observation difference in the units of :func:`measured_gain`."""
+    log_obs = var_obs.clamp_min(_TINY).log()
+    log_prior = var_prior.clamp_min(_TINY).log()
+    return (log_prior - log_obs).square() \
+        + (mean_prior - mean_obs).square() / var_obs.clamp_min(_TINY)
+
+
+def _group_noise(var_obs: Tensor, count: int, noise: Optional[Tensor]) -> Tensor:
+    """Each group's observation noise ``[S]``: ``noise`` (:func:`row_spread`), or without it the
+    noise of a Gaussian sample of ``count`` values, ``2 / (count - 1) + 1 / count``."""
+    if noise is not None:
+        return noise
+    # a fill, not a copy from the host: nothing here may synchronise (CUDA graph capture)
+    sampling = torch.full((), 2.0 / max(count - 1, 1) + 1.0 / count, device=var_obs.device,
+                          dtype=var_obs.dtype)
+    return sampling.expand(var_obs.shape[0])
+
+
+def fusion_weights(
+    mean_obs: Tensor,
+    var_obs: Tensor,
+    sources,
+    gain: Union[float, Tensor],
+    count: int,
+    noise: Optional[Tensor] = None,
+) -> Tensor:
+    """Inverse-variance weights of prior sources fused with the observation, per group.
+
+    In the units of :func:`measured_gain`, the observation of group ``s`` has the noise
+    variance ``a[s]`` (``noise``, or the Gaussian sampling noise of ``count`` values) and each
+    prior source ``i`` the error variance ``e_i[s] = max(d_i[s] - a[s], tiny)``, ``d_i[s]`` its
+    measured squared difference from the observation (mean over the group's channels): what it
+    is off beyond the observation's own noise. The weights are ``w_i = (1 / e_i) / (1 / a +
+    sum_j 1 / e_j)`` (a Kalman filter's fusion of independent sources); a source whose flag is
+    false gets ``w_i = 0``; when the prior weights sum to more than ``gain`` they are scaled
+    down together to sum to ``gain``. With one source this is :func:`measured_gain`'s ``a /
+    max(d, a)`` capped by ``gain``, up to rounding. Computed without gradient, no host sync.
+
+    Args:
+        mean_obs, var_obs: observed statistics ``[S, C]``.
+        sources: a sequence of ``(mean, var, valid)``: ``[S, C]`` statistics (finite, or swapped
+            for the observation where ``valid`` is false) and a ``[S]`` bool flag.
+        gain: the cap on the total prior weight (a float or a 0-dim tensor).
+        count: values behind one group's observed statistics (used when ``noise`` is None).
+        noise: ``[S]`` observation noise of each group (:func:`row_spread`), or ``None``.
+
+    Returns:
+        ``[S, len(sources)]`` weights of the prior sources; the observation's is one minus their
+        sum.
+    """
+    with torch.no_grad():
+        a = _group_noise(var_obs, count, noise).to(var_obs.dtype).clamp_min(_TINY)
+        inverse = [a.reciprocal()]
+        for mean, var, valid in sources:
+            d = _prior_error(mean_obs, var_obs, mean, var).mean(dim=1)
+            e = (d - a).clamp_min(_TINY)
+            inverse.append(torch.where(valid, e.reciprocal(), torch.zeros_like(e)))
+        inverse = torch.stack(inverse, dim=1)  # [S, 1 + k]
+        weights = inverse[:, 1:] / inverse.sum(dim=1, keepdim=True)
+        weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
+        total = weights.sum(dim=1)
+        cap = gain.to(total.dtype) if isinstance(gain, Tensor) else gain
+        shrink = torch.where(total > cap, cap / total.clamp_min(_TINY), torch.ones_like(total))
+        return weights * shrink[:, None]
 
 
 def kalman_update(
@@ -279,6 +350,7 @@ def kalman_update(
     count: Optional[int] = None,
     decisions: str = "layer",
     noise: Optional[Tensor] = None,
+    time: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Combine the predicted and the observed statistics (method.md section 3).
 
@@ -320,6 +392,15 @@ def kalman_update(
         decisions: ``"layer"`` (the released code) or ``"group"``. Default: ``"layer"``.
         noise: ``[S]`` observation noise of each group (:func:`row_spread`), for
             ``gain_rule="kalman"`` with ``decisions="group"``.
+        time: ``(running_mean, running_var, valid)``: the layer's running statistics ``[C]``
+            (buffers, no gradient) and a 0-dim or ``[S]`` bool flag, fused as a second prior
+            (this library's time prior, not the paper's; needs ``gain_rule="kalman"`` and
+            ``decisions="group"``). The weights of the observation, the prior and the running
+            statistics are :func:`fusion_weights` (the guard's rejection, a false flag or a
+            non-finite running statistic give a source weight 0), and the result is the mean
+            and variance of the three-component mixture, ``mean = sum_i w_i mu_i``, ``var =
+            sum_i w_i (v_i + (mu_i - mean)^2)``; with the running statistics' weight 0 it is
+            the two-component update above, up to rounding.
 
     Returns:
         ``(mean, var, used_prior)``: ``[S, C]`` float32 statistics and a bool tensor, ``[S]``
@@ -334,6 +415,11 @@ def kalman_update(
     if decisions not in DECISION_SCOPES:
         raise ValueError(f"decisions must be one of {DECISION_SCOPES} (got {decisions!r})")
     per_group = decisions == "group"
+    if time is not None and (gain_rule != "kalman" or not per_group):
+        raise ValueError(
+            "the time prior (running statistics as a third source) needs gain_rule='kalman' and "
+            f"decisions='group' (got gain_rule={gain_rule!r}, decisions={decisions!r}); set "
+            "those, or time_prior=False")
     if gain_rule == "kalman" and count is None and (
             noise is None if per_group else mean_obs.shape[0] < 2):
         raise ValueError("gain_rule='kalman' without a measured spread needs count (values "
@@ -359,6 +445,9 @@ def kalman_update(
     # not taken cannot turn its zero gradient into nan (0 * inf).
     mean_prior = torch.where(keep, mean_prior, mean_obs.detach())
     var_prior = torch.where(keep, var_prior, var_obs.detach())
+    if time is not None:
+        return _three_sources(mean_obs, var_obs, mean_prior, var_prior, used, time, gain,
+                              count or 2, noise)
     if gain_rule == "kalman":
         measured = measured_gain(mean_obs, var_obs, mean_prior, var_prior, count or 2,
                                  decisions=decisions, noise=noise)
@@ -372,6 +461,33 @@ def kalman_update(
     mean = torch.lerp(mean_obs, mean_prior, gain)
     var = torch.lerp(var_obs, var_prior, gain) + (gain * (1.0 - gain)) * diff.square()
     return torch.where(keep, mean, mean_obs), torch.where(keep, var, var_obs), used
+
+
+def _three_sources(mean_obs: Tensor, var_obs: Tensor, mean_prior: Tensor, var_prior: Tensor,
+                   used: Tensor, time: Tuple[Tensor, Tensor, Tensor], gain: Union[float, Tensor],
+                   count: int, noise: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`kalman_update` with the running statistics as a third source (``time``), for
+    per-group decisions; the prior was already swapped for the observation where rejected."""
+    running_mean, running_var, valid = time
+    with torch.no_grad():
+        # copies: the buffers change in place after the step, and carry no gradient
+        time_mean = running_mean.detach().to(mean_obs.dtype, copy=True).expand_as(mean_obs)
+        time_var = running_var.detach().to(var_obs.dtype, copy=True).expand_as(var_obs)
+        ok = valid.expand(mean_obs.shape[0]) & torch.isfinite(time_mean).all(dim=1) \
+            & torch.isfinite(time_var).all(dim=1)
+        time_mean = torch.where(ok[:, None], time_mean, mean_obs)
+        time_var = torch.where(ok[:, None], time_var, var_obs)
+        weights = fusion_weights(mean_obs, var_obs, [(mean_prior, var_prior, used),
+                                                     (time_mean, time_var, ok)],
+                                 gain, count, noise).to(mean_obs.dtype)
+    w_prior, w_time = weights[:, :1], weights[:, 1:]
+    w_obs = 1.0 - w_prior - w_time
+    # centred on the observation: no cancellation of large means
+    mean = mean_obs + w_prior * (mean_prior - mean_obs) + w_time * (time_mean - mean_obs)
+    var = (w_obs * (var_obs + (mean_obs - mean).square())
+           + w_prior * (var_prior + (mean_prior - mean).square())
+           + w_time * (time_var + (time_mean - mean).square()))
+    return mean, var, used
 
 
 def group_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -515,6 +631,35 @@ def prior_offered(var_prior: Tensor, decisions: str) -> Tensor:
     return offered.any(dim=1) if decisions == "group" else offered.any()
 
 
+def combine(
+    mean_obs: Tensor,
+    var_obs: Tensor,
+    prior: Optional[Tuple[Tensor, Tensor]],
+    prior_valid: Optional[Tensor],
+    options: StepOptions,
+    count: int,
+    real: Tensor,
+    running: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The combined statistics of one step and whether the prior was used (:func:`kalman_update`
+    with the step's options, ``count`` values per group, ``real`` the real rows for the
+    observation noise); ``running`` is fused only with ``options.time_prior``. Without a prior
+    and a time prior: the observed statistics."""
+    o = options
+    time = running if o.time_prior else None
+    if prior is None and time is None:
+        return mean_obs, var_obs, torch.zeros((), dtype=torch.bool, device=mean_obs.device)
+    if prior is None:  # the time prior alone: an absent prior, rejected in every group
+        prior = (mean_obs.detach(), var_obs.detach())
+        prior_valid = torch.zeros(mean_obs.shape[0], dtype=torch.bool, device=mean_obs.device)
+    mean, var, used = kalman_update(
+        mean_obs, var_obs, prior[0].to(mean_obs.dtype), prior[1].to(var_obs.dtype), o.gain,
+        o.guard_threshold, prior_valid, guard=o.guard, gain_rule=o.gain_rule, count=count,
+        decisions=o.decisions, noise=observation_noise(real, o, var_obs), time=time,
+    )
+    return mean, var, used
+
+
 def training_step(
     x: Tensor,
     weight: Optional[Tensor],
@@ -523,12 +668,14 @@ def training_step(
     prior: Optional[Tuple[Tensor, Tensor]] = None,
     prior_valid: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    running: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
 ) -> StepResult:
     """One BKN training step in composite form (see :class:`StepOptions`).
 
     The real rows are normalized with the observed statistics combined with the prior (supplied,
-    or the moments of the incoming shadow rows); the output's shadow rows are fresh samples of
-    the combined statistics (method.md section 4).
+    or the moments of the incoming shadow rows) and, with ``options.time_prior``, the layer's
+    running statistics ``running = (running_mean, running_var, valid)``; the output's shadow
+    rows are fresh samples of the combined statistics (method.md section 4).
     """
     o = options
     real = x[: o.real_rows]
@@ -536,20 +683,16 @@ def training_step(
         mean_prior, var_prior, prior_valid = prior_from_rows(x[o.real_rows:], o.groups)
         prior = (mean_prior, var_prior)
     mean_obs, var_obs = group_moments(real, o.groups)
-    if prior is None:
-        mean, var = mean_obs, var_obs
-        used = available = torch.zeros((), dtype=torch.bool, device=x.device)
-    else:
-        mean_prior, var_prior = prior
+    available = torch.zeros((), dtype=torch.bool, device=x.device)
+    if prior is not None:
         if o.detach_prior:
-            mean_prior, var_prior = mean_prior.detach(), var_prior.detach()
-        mean, var, used = kalman_update(
-            mean_obs, var_obs, mean_prior.to(mean_obs.dtype), var_prior.to(var_obs.dtype),
-            o.gain, o.guard_threshold, prior_valid, guard=o.guard, gain_rule=o.gain_rule,
-            count=(o.real_rows // o.groups) * math.prod(x.shape[2:]), decisions=o.decisions,
-            noise=observation_noise(real, o, var_obs),
-        )
-        available = prior_offered(var_prior, o.decisions)
+            prior = (prior[0].detach(), prior[1].detach())
+        available = prior_offered(prior[1], o.decisions)
+    mean, var, used = combine(
+        mean_obs, var_obs, prior, prior_valid, o,
+        (o.real_rows // o.groups) * math.prod(x.shape[2:]), real, running)
+    if prior is None:
+        used = available
     y = normalize(real, mean, var, weight, bias, o.eps)
     if o.shadow_rows:
         samples = sample_rows(mean, var, o.shadow_rows, tuple(x.shape[2:]), generator=generator)

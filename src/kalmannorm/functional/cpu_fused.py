@@ -31,8 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .composite import (StepOptions, StepResult, kalman_update, observation_noise,
-                        prior_offered, safe_std, stat_dtype)
+from .composite import StepOptions, StepResult, combine, prior_offered, safe_std, stat_dtype
 
 __all__ = ["supports", "supports_options", "preferred", "training_step"]
 
@@ -204,10 +203,9 @@ class _KalmanNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_prior, var_prior, options: StepOptions, prior_valid,
-                generator, need_graph):
+                generator, need_graph, running):
         o = options
-        real_rows, groups, gain, eps, guard_threshold = (o.real_rows, o.groups, o.gain, o.eps,
-                                                         o.guard_threshold)
+        real_rows, groups, eps = o.real_rows, o.groups, o.eps
         shadow_rows, shadow_prior, normalized, detach_prior = (o.shadow_rows, o.shadow_prior,
                                                                o.normalized, o.detach_prior)
 
@@ -244,13 +242,10 @@ class _KalmanNormFunction(torch.autograd.Function):
                   leaf(var_prior, not detach_prior), leaf(weight), leaf(bias)]
         mo, vo, mp, vp, w, b = leaves
         with torch.enable_grad():
-            if has_prior:
-                mean, var, used = kalman_update(
-                    mo, vo, mp, vp, gain, guard_threshold, valid, guard=o.guard,
-                    gain_rule=o.gain_rule, count=count, decisions=o.decisions,
-                    noise=observation_noise(x[:real_rows], o, var_obs))
-            else:
-                mean, var = mo, vo
+            # the running statistics (time prior) are constants here: buffers, no gradient
+            mean, var, used = combine(mo, vo, (mp, vp) if has_prior else None, valid, o, count,
+                                      x[:real_rows], running)
+            if not has_prior:
                 used = torch.zeros((), dtype=torch.bool, device=x.device)
             scale = torch.rsqrt(var + eps)
             if w is not None:
@@ -379,7 +374,7 @@ class _KalmanNormFunction(torch.autograd.Function):
         grad_mp = grad_vp = None
         if has_prior and not shadow_prior:
             grad_mp, grad_vp = g_mp.to(mp_dtype), g_vp.to(vp_dtype)
-        return dx, grad_w, grad_b, grad_mp, grad_vp, None, None, None, None
+        return dx, grad_w, grad_b, grad_mp, grad_vp, None, None, None, None, None
 
 
 def training_step(
@@ -390,6 +385,7 @@ def training_step(
     prior: Optional[Tuple[Tensor, Tensor]] = None,
     prior_valid: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    running: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
 ) -> StepResult:
     """One BKN training step, fused; same arguments and result as
     :func:`.composite.training_step`."""
@@ -400,4 +396,5 @@ def training_step(
         t is not None and t.requires_grad for t in (x, weight, bias, mean_prior, var_prior)
     )
     return StepResult(*_KalmanNormFunction.apply(
-        x, weight, bias, mean_prior, var_prior, options, prior_valid, generator, need_graph))
+        x, weight, bias, mean_prior, var_prior, options, prior_valid, generator, need_graph,
+        running))

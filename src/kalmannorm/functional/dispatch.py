@@ -124,6 +124,7 @@ def training_step(
     prior_valid: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
+    running: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
 ) -> StepResult:
     """One BKN training step by the backend :func:`resolve_backend` picks.
 
@@ -137,6 +138,9 @@ def training_step(
         prior_valid: optional 0-dim bool tensor; false rejects the prior.
         generator: random generator of the samples.
         backend: a name from :data:`BACKENDS`; ``None`` for :func:`get_backend`.
+        running: ``(running_mean, running_var, valid)``, the layer's running statistics
+            ``[C]`` and a 0-dim bool flag (false: none yet), fused with
+            ``options.time_prior`` (see :func:`~.composite.kalman_update`).
 
     Returns:
         a :class:`~.composite.StepResult`.
@@ -155,10 +159,13 @@ def training_step(
             raise ValueError(
                 f"the {name!r} backend does not implement these options (guard="
                 f"{options.guard!r}, gain_rule={options.gain_rule!r}, decisions="
-                f"{options.decisions!r}, gain "
+                f"{options.decisions!r}, time_prior={options.time_prior}, gain "
                 f"{type(options.gain).__name__}); use the 'composite' or 'auto' backend"
             )
         name = "composite"
+    if options.time_prior and running is not None:
+        return _STEP[name](x, weight, bias, options, prior, prior_valid, generator,
+                           running=running)
     return _STEP[name](x, weight, bias, options, prior, prior_valid, generator)
 
 
