@@ -84,6 +84,17 @@ def grid(families: Sequence[str], rows: Optional[Sequence[str]], seeds: Sequence
     return jobs
 
 
+def _job(text: str) -> Tuple[str, str, int]:
+    try:
+        family, row, seed = text.split("/")
+        if family in FAMILIES and row in ROWS:
+            return family, row, int(seed)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected FAMILY/ROW/SEED with FAMILY in {list(FAMILIES)} "
+                                     f"and ROW in {list(ROWS)} (got {text!r})")
+
+
 def _family_seeds(text: str) -> Tuple[str, List[int]]:
     family, _, seeds = text.partition("=")
     if family not in FAMILIES or not seeds:
@@ -146,7 +157,7 @@ def collect(job, args) -> None:
 def run_grid(jobs, args) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(ROOT, "src")] + [p for p in [env.get("PYTHONPATH")] if p])
+        [args.src or os.path.join(ROOT, "src")] + [p for p in [env.get("PYTHONPATH")] if p])
     pending = [j for j in jobs if status(os.path.join(args.records, record_name(j)))
                not in ("complete", "diverged")]
     running: List[Tuple[Any, Tuple[str, str, int]]] = []
@@ -399,6 +410,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--family-seeds", type=_family_seeds, action="append", default=[],
                    metavar="FAMILY=SEEDS", help="seeds of one family, e.g. mobilenet=0,1")
+    p.add_argument("--jobs", nargs="+", type=_job, metavar="FAMILY/ROW/SEED",
+                   help="these runs, in this order (instead of the grid)")
+    p.add_argument("--src", help="the library the runs import (default: this checkout's src), "
+                                 "e.g. a worktree frozen at one commit for a long grid")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--width", type=int, default=8, help="pre-activation ResNet base width")
     p.add_argument("--device", default="cpu")
@@ -421,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.dataset, args.epochs, args.width = "cifar10_subset", 1, 4
         args.limit_train, args.limit_test, args.seeds = 256, 128, args.seeds[:2]
     if not args.no_run:
-        jobs = grid(args.families, args.rows, args.seeds, dict(args.family_seeds))
+        jobs = args.jobs or grid(args.families, args.rows, args.seeds, dict(args.family_seeds))
         if args.calibrate:
             if args.deadline is None:
                 p.error("--calibrate needs --deadline")
