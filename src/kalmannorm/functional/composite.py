@@ -251,16 +251,14 @@ def measured_gain(
         ``[S]`` (``"group"``) or 0-dim (``"layer"``) float tensor in ``[0, 1]``.
     """
     with torch.no_grad():
-        log_obs = var_obs.clamp_min(_TINY).log()
-        scale = var_obs.clamp_min(_TINY)
         error = _prior_error(mean_obs, var_obs, mean_prior, var_prior)
-        groups = var_obs.shape[0]
         if decisions == "group":
             d = error.mean(dim=1)
             a = _group_noise(var_obs, count, noise).to(d.dtype)
-        elif groups >= 2:
+        elif var_obs.shape[0] >= 2:  # the spread across groups (reads every group)
             d = error.mean()
-            a = (log_obs.var(dim=0) + mean_obs.var(dim=0) / scale.mean(dim=0)).mean()
+            scale = var_obs.clamp_min(_TINY)
+            a = (scale.log().var(dim=0) + mean_obs.var(dim=0) / scale.mean(dim=0)).mean()
         else:
             d, a = error.mean(), _group_noise(var_obs, count, None)[0]
         p = a / torch.maximum(d, a)
