@@ -360,10 +360,9 @@ class _KalmanNormFunction(torch.autograd.Function):
                 const_s = g_mp / count_s - coef_s * leaves[2].detach()
                 _affine_into(xs, coef_s, const_s, dxs)
                 # A non-finite row rejected its group's prior: its zero gradient must not become
-                # inf * 0 (valid is 0-dim or one flag per group).
-                if x.device.type != "cpu":
-                    dxs.masked_fill_(~valid.reshape(-1, 1, 1, 1), 0.0)
-                elif not bool(valid.all()):  # reading a CPU flag costs no device synchronisation
+                # inf * 0 (valid is 0-dim or one flag per group). On the CPU the flag is read
+                # first (no device synchronisation) to skip the fill when every group is valid.
+                if x.device.type != "cpu" or not bool(valid.all()):
                     dxs.masked_fill_(~valid.reshape(-1, 1, 1, 1), 0.0)
             else:
                 dxs.zero_()
