@@ -54,6 +54,8 @@ def no_work(monkeypatch):
     (["--arch", "resnet18", "--model-option", "colour=1"], "unknown options ['colour']"),
     (["--norm", "groupnorm"], "must be divisible by num_groups"),  # 32 groups, 4 channels
     (["--dataset", "folder"], "needs a data directory"),
+    (["--device", "cpu", "--cuda-graphs"], "cuda_graphs needs a CUDA device"),
+    (["--arch", "mobilenet_v2_w050", "--width", "8"], "takes width_mult"),
 ])
 def test_invalid_values_are_refused_before_any_work(tmp_path, capsys, no_work, flags, named):
     run_dir = tmp_path / "run"

@@ -394,6 +394,9 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
     if config.threads:
         torch.set_num_threads(config.threads)
     device, rank, world, own_group = _setup_device(config)
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device (device {config.device!r} is "
+                         f"{device.type} here); drop --cuda-graphs")
     net = None
     try:
         recipe = config.resolved_recipe()
