@@ -158,6 +158,8 @@ def run_grid(jobs, args) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(
         [args.src or os.path.join(ROOT, "src")] + [p for p in [env.get("PYTHONPATH")] if p])
+    for job in jobs:  # runs finished by an earlier driver: their records first
+        collect(job, args)
     pending = [j for j in jobs if status(os.path.join(args.records, record_name(j)))
                not in ("complete", "diverged")]
     running: List[Tuple[Any, Tuple[str, str, int]]] = []
