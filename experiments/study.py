@@ -374,6 +374,11 @@ def write_page(records_dir: str, page: str) -> str:
         "norm layer.",
         "- **Second family:** the rows the verdicts rest on also run on MobileNetV2 (width 0.5), "
         "where defaults chosen on ResNets have failed before.",
+        "- **Cost columns:** *s / epoch* is the median time of an epoch (training and "
+        "evaluation) as recorded, on the machine named above each table, one torch thread per "
+        "run and other runs sharing its cores, so rows compare as rough ratios only; *peak "
+        "memory* is the CUDA allocator's peak, or on the CPU the process's peak resident set, "
+        "which includes the data set held in memory (about 1 GB for CIFAR-10).",
         "- **Rule:** a row *wins* (*loses*) against another when its mean test error is lower "
         "(higher) by more than the sum of the two rows' seed standard deviations; otherwise it "
         "ties; with fewer than 2 seeds there is no verdict. *Gap recovered* is "
