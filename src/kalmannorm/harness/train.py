@@ -279,7 +279,8 @@ class GraphedStep:
                 b.copy_(v)
 
     def _forward_backward(self, net: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        # autocast's cast cache must be off under capture (torch.cuda.graphs' documentation)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
             logits = net(self.static_x)
         loss = F.cross_entropy(logits.float(), self.static_y)
         loss.backward()
