@@ -65,7 +65,9 @@ class TrainConfig:
     not fit; ``amp`` trains under bfloat16 autocast (BKN statistics stay float32);
     ``cuda_graphs`` captures each training step's forward and backward in a CUDA graph and
     replays it (CUDA only; the optimizer step stays eager, so the learning-rate schedule is
-    unchanged); the per-launch host time of small layers then disappears.
+    unchanged); the per-launch host time of small layers then disappears. Not yet run on a GPU
+    (written in a session without one): a capture that fails falls back to eager steps and the
+    record's ``cuda_graphs`` field says so.
     ``compile`` trains through ``torch.compile`` (on CUDA the BKN layers' Triton kernels are
     traced as custom ops, one graph per model).
     """
