@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -119,9 +118,10 @@ def command(job, args) -> List[str]:
     cmd = [sys.executable, "-m", "kalmannorm", "train", "--dataset", args.dataset,
            "--arch", FAMILIES[family], "--batch-size", "128", "--recipe", "short",
            "--epochs", str(args.epochs), "--seed", str(seed), "--device", args.device,
-           "--run-dir", run_dir(args.root, job), "--quiet", "--label", label, *row_args]
+           "--run-dir", _relative(os.path.abspath(run_dir(args.root, job))), "--quiet",
+           "--label", label, *row_args]
     if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
+        cmd += ["--data-dir", _relative(os.path.abspath(args.data_dir))]
     if family == "resnet":
         cmd += ["--width", str(args.width)]
     if args.threads:
@@ -146,12 +146,30 @@ def status(path: str) -> Optional[str]:
         return None
 
 
+def _relative(obj: Any) -> Any:
+    """``obj`` with every absolute path inside this checkout made relative to it (committed
+    records name ``data``, not a machine's folders)."""
+    if isinstance(obj, dict):
+        return {k: _relative(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative(v) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj) and \
+            os.path.commonpath([os.path.realpath(obj), ROOT]) == ROOT:
+        return os.path.relpath(os.path.realpath(obj), ROOT)
+    return obj
+
+
 def collect(job, args) -> None:
-    """Copy a finished run's record into the records folder (complete or diverged only)."""
+    """Copy a finished run's record into the records folder (complete or diverged only), with
+    paths inside the checkout made relative."""
     src = os.path.join(run_dir(args.root, job), "record.json")
     if status(src) in ("complete", "diverged"):
         os.makedirs(args.records, exist_ok=True)
-        shutil.copyfile(src, os.path.join(args.records, record_name(job)))
+        with open(src) as f:
+            record = _relative(json.load(f))
+        with open(os.path.join(args.records, record_name(job)), "w") as f:
+            json.dump(record, f, indent=2, allow_nan=True)
+            f.write("\n")
 
 
 def run_grid(jobs, args) -> None:
