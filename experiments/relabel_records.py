@@ -74,24 +74,17 @@ def probe(commit: str, config: Dict[str, Any], trees: Dict[str, str]) -> Dict[st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def today_defaults(cls_name: str) -> Dict[str, Any]:
+def today_layer(cls_name: str, options: Dict[str, Any]):
+    """The layer today's code builds with ``options`` (whose labels the harness derives)."""
     import importlib
-    import inspect
 
     module, _, name = cls_name.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    defaults = {}
-    for klass in cls.__mro__:
-        if klass is object or "__init__" not in vars(klass):
-            continue
-        for pname, p in inspect.signature(klass.__init__).parameters.items():
-            if p.default is not inspect.Parameter.empty:
-                defaults.setdefault(pname, p.default)
-    return defaults
+    return getattr(importlib.import_module(module), name)(16, **options)
 
 
 def relabel(path: str, trees: Dict[str, str]) -> bool:
     from kalmannorm.harness.config import default_label
+    from kalmannorm.harness.records import changed_options
 
     with open(path) as f:
         record = json.load(f)
@@ -108,12 +101,9 @@ def relabel(path: str, trees: Dict[str, str]) -> bool:
     implied = {k: v for k, v in IMPLIED.get(layer["class"], {}).items()
                if k not in layer["options"]}
     options = {**layer["options"], **implied}
-    defaults = today_defaults(layer["class"])
     hidden = ("micro_batch", "gain") + (PRIOR_OPTIONS if options.get("gain") == 0 else ())
-    order = list(defaults)  # today's constructor order, as the harness's labels list them
-    changed = [f"{k}={options[k]}" for k in sorted(options, key=lambda k: (
-        order.index(k) if k in order else len(order))) if k not in hidden
-        and defaults.get(k, object()) != options[k]]
+    changed = [f"{k}={v}" for k, v in changed_options(today_layer(layer["class"], options)).items()
+               if k not in hidden]
     if config.get("prediction", "sampled") != "sampled" and "KalmanNorm" in layer["class"]:
         changed.append(f"{config['prediction']} prediction")
     base = default_label(config["norm"], config.get("micro_batch"), config.get("gain"),

@@ -35,6 +35,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))  # the page reads records with this checkout's code
 RECORDS = os.path.join("docs", "results", "study", "records")
 PAGE = os.path.join("docs", "results", "study.md")
 
@@ -228,7 +229,6 @@ def calibrate(jobs, args) -> int:
 
 # ------------------------------------------------------------------------------------- the page
 def load(records_dir: str) -> List[Dict[str, Any]]:
-    sys.path.insert(0, os.path.join(ROOT, "src"))
     from kalmannorm.harness.records import read_record
 
     out = []
@@ -255,7 +255,6 @@ def verdict(a: Sequence[float], b: Sequence[float]) -> str:
 def summary(records: List[Dict[str, Any]]):
     """``{(family, row): {...}}`` over complete records, keyed also by the whole configuration
     so that runs of different configurations are never pooled."""
-    sys.path.insert(0, os.path.join(ROOT, "src"))
     from kalmannorm.harness.report import configuration
 
     cells: Dict[Tuple[str, str], Dict[str, Any]] = {}

@@ -244,6 +244,17 @@ class _Session:
     graphed: Optional["GraphedStep"] = None  # with config.cuda_graphs, once captured
 
 
+def forward_backward(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool,
+                     cache: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A training step's forward (bfloat16 autocast with ``amp``), cross-entropy and backward:
+    ``(logits, loss)``. ``cache``: autocast's cast cache (off inside a CUDA graph capture)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=cache):
+        logits = net(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    return logits, loss
+
+
 class GraphedStep:
     """A training step's forward, loss and backward captured once in a CUDA graph.
 
@@ -261,7 +272,7 @@ class GraphedStep:
                  warmup: int = 3) -> None:
         self.static_x, self.static_y = x.clone(), y.clone()
         self.amp = amp
-        buffers = [b for b in net.buffers()]
+        buffers = list(net.buffers())
         saved = [b.clone() for b in buffers]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -280,11 +291,7 @@ class GraphedStep:
 
     def _forward_backward(self, net: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
         # autocast's cast cache must be off under capture (torch.cuda.graphs' documentation)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            logits = net(self.static_x)
-        loss = F.cross_entropy(logits.float(), self.static_y)
-        loss.backward()
-        return logits, loss
+        return forward_backward(net, self.static_x, self.static_y, self.amp, cache=False)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         self.static_x.copy_(x)
@@ -317,11 +324,8 @@ def _train_epoch(session: _Session) -> Tuple[float, float, float]:
         if session.graphed:
             logits, loss = session.graphed(x, y)
         else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            logits, loss = forward_backward(net, x, y, config.amp)
         optimizer.step()
         errors = (logits.detach().argmax(1) != y).sum()
         loss_sum += loss.detach() * len(y)
