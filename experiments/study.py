@@ -38,10 +38,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))  # the page reads records with this checkout's code
 RECORDS = os.path.join("docs", "results", "study", "records")
 PAGE = os.path.join("docs", "results", "study.md")
+SCREEN_RECORDS = os.path.join("docs", "results", "screening", "records")
+SCREEN_PAGE = os.path.join("docs", "results", "screening.md")
+SCREEN_EPOCHS, SCREEN_SEEDS = 3, [10, 11]
 
 M2 = ["--micro-batch", "2"]
+# The released code's gain and propagation; its layer-wide guard (decisions="layer") reads every
+# group, which separate devices cannot, so the study runs the per-group guard (the default).
 RELEASED = ["--gain", "0.9", "--norm-option", 'gain_rule="fixed"', "--norm-option",
-            'propagate="raw"', "--norm-option", 'decisions="layer"']
+            'propagate="raw"']
+TIME_PRIOR = ["--norm-option", "time_prior=true"]
 # row -> (label, train arguments); labels name the configuration, the records hold all of it
 ROWS: Dict[str, Tuple[str, List[str]]] = {
     "bn-full": ("BN, full batch", ["--norm", "batchnorm"]),
@@ -49,20 +55,29 @@ ROWS: Dict[str, Tuple[str, List[str]]] = {
     "gn4": ("GN, 4 groups", ["--norm", "groupnorm", "--norm-option", "num_groups=4"]),
     "gn32": ("GN, 32 groups (fewer where C < 32)",
              ["--norm", "groupnorm", "--norm-option", "num_groups=32",
-              "--norm-option", "cap_groups=True"]),
+              "--norm-option", "cap_groups=true"]),
     "brn-m2": ("BRN, m=2", ["--norm", "batchrenorm", *M2]),
-    "bkn-released": ("BKN, released configuration, m=2", ["--norm", "bkn", *M2, *RELEASED]),
+    "bkn-released": ("BKN, released gain and propagation (fixed 0.9, raw), m=2",
+                     ["--norm", "bkn", *M2, *RELEASED]),
     "bkn-default": ("BKN, defaults, m=2", ["--norm", "bkn", *M2]),
+    "bkn-time": ("BKN, defaults + prior over time, m=2", ["--norm", "bkn", *M2, *TIME_PRIOR]),
+    "bkn-raw-time": ("BKN, raw propagation + prior over time, m=2",
+                     ["--norm", "bkn", *M2, "--norm-option", 'propagate="raw"', *TIME_PRIOR]),
     "bkn-analytic": ("BKN, defaults, analytic prediction, m=2",
                      ["--norm", "bkn", *M2, "--prediction", "analytic"]),
     "frn": ("FRN + TLU", ["--norm", "frn"]),
     "evonorm-s0": ("EvoNorm-S0, 32 groups (fewer where C < 32)",
-                   ["--norm", "evonorm_s0", "--norm-option", "cap_groups=True"]),
+                   ["--norm", "evonorm_s0", "--norm-option", "cap_groups=true"]),
     "gn-ws": ("GN + WS, 32 groups (fewer where C < 32)",
               ["--norm", "groupnorm_ws", "--norm-option", "num_groups=32",
-               "--norm-option", "cap_groups=True"]),
+               "--norm-option", "cap_groups=true"]),
     "mabn-m2": ("MABN, m=2", ["--norm", "mabn", *M2]),
 }
+# The study's grid: every normalizer a user would pick instead, and BKN's configurations.
+STUDY_ROWS = ["bn-full", "bn-m2", "gn4", "gn32", "brn-m2", "bkn-released", "bkn-default",
+              "bkn-analytic", "frn", "evonorm-s0", "gn-ws", "mabn-m2"]
+# Screening of BKN's configurations (issue 14): shorter runs, other seeds, both families.
+SCREEN_ROWS = ["bn-m2", "bkn-default", "bkn-released", "bkn-time", "bkn-raw-time"]
 REFERENCE, MICRO_BN, GROUPNORM = "bn-full", "bn-m2", "gn4"
 # The rows the verdicts rest on, run on the second family too.
 VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-default", "mabn-m2"]
@@ -79,7 +94,7 @@ def grid(families: Sequence[str], rows: Optional[Sequence[str]], seeds: Sequence
         for family in families:  # seed-major: a grid cut short still has every row once
             if seed not in family_seeds.get(family, seeds):
                 continue
-            wanted = rows or (list(ROWS) if family == "resnet" else VERDICT_ROWS)
+            wanted = rows or (STUDY_ROWS if family == "resnet" else VERDICT_ROWS)
             jobs += [(family, row, seed) for row in wanted]
     return jobs
 
@@ -290,8 +305,10 @@ def _fmt(errors: Sequence[float]) -> str:
     return f"{statistics.fmean(errors):.2f} ± {statistics.stdev(errors):.2f}"
 
 
-def table(cells, family: str) -> List[str]:
-    rows = [row for row in ROWS if (family, row) in cells]
+def table(cells, family: str, rows: Sequence[str]) -> List[str]:
+    """The family's table over ``rows`` (in that order); the gap and verdict columns against
+    the reference rows among them."""
+    rows = [row for row in rows if (family, row) in cells]
     if not rows:
         return [f"No complete records for {family} yet."]
     ref, micro, gn = (cells.get((family, r)) for r in (REFERENCE, MICRO_BN, GROUPNORM))
@@ -299,24 +316,29 @@ def table(cells, family: str) -> List[str]:
     if ref and micro:
         gap = statistics.fmean(micro["errors"]) - statistics.fmean(ref["errors"])
     any_cell = cells[(family, rows[0])]
+    columns = ["Row", "Seeds", "Epochs", "Test error % (mean ± sd)"] + \
+        (["Gap recovered"] if gap else []) + (["vs BN m=2"] if micro else []) + \
+        (["vs GN 4"] if gn else []) + ["s / epoch", "Peak memory (MiB)"]
     lines = [f"Architecture `{FAMILIES[family]}`"
              + (f", width {any_cell['width']}" if family == "resnet" else "")
              + f"; device: {any_cell['device']}.", "",
-             "| Row | Seeds | Epochs | Test error % (mean ± sd) | Gap recovered | vs BN m=2 | "
-             "vs GN 4 | s / epoch | Peak memory (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         c = cells[(family, row)]
         mean = statistics.fmean(c["errors"])
-        recovered = "n/a" if not gap or row in (REFERENCE, MICRO_BN) else \
-            f"{100 * (statistics.fmean(micro['errors']) - mean) / gap:.0f} %"
-        vs_bn = verdict(c["errors"], micro["errors"]) if micro and row != MICRO_BN else "—"
-        vs_gn = verdict(c["errors"], gn["errors"]) if gn and row != GROUPNORM else "—"
-        memory = "n/a" if c["memory"] is None else \
-            f"{c['memory'][0]:.0f} ({'CUDA' if c['memory'][1] == 'cuda_allocated' else 'RSS'})"
-        lines.append(f"| {ROWS[row][0]} | {', '.join(map(str, c['seeds']))} | "
-                     f"{'/'.join(map(str, c['epochs']))} | {_fmt(c['errors'])} | {recovered} | "
-                     f"{vs_bn} | {vs_gn} | {c['epoch_time']:.0f} | {memory} |")
+        cols = [ROWS[row][0], ", ".join(map(str, c["seeds"])), "/".join(map(str, c["epochs"])),
+                _fmt(c["errors"])]
+        if gap:
+            cols.append("n/a" if row in (REFERENCE, MICRO_BN) else
+                        f"{100 * (statistics.fmean(micro['errors']) - mean) / gap:.0f} %")
+        if micro:
+            cols.append(verdict(c["errors"], micro["errors"]) if row != MICRO_BN else "—")
+        if gn:
+            cols.append(verdict(c["errors"], gn["errors"]) if row != GROUPNORM else "—")
+        cols.append(f"{c['epoch_time']:.0f}")
+        cols.append("n/a" if c["memory"] is None else
+                    f"{c['memory'][0]:.0f} ({'CUDA' if c['memory'][1] == 'cuda_allocated' else 'RSS'})")
+        lines.append("| " + " | ".join(cols) + " |")
     if gap is not None:
         lines += ["", f"Micro-batch gap (BN m=2 minus BN full batch): {gap:.2f} points."]
     return lines
@@ -353,18 +375,39 @@ def plot(records, family: str, path: str) -> Optional[str]:
     return path
 
 
-def write_page(records_dir: str, page: str) -> str:
+def write_page(records_dir: str, page: str, screen: bool = False) -> str:
+    """The study's page (or with ``screen`` the screening's) from every record in
+    ``records_dir``."""
     records = load(records_dir)
     cells = summary(records)
     out_dir = os.path.dirname(os.path.abspath(page))
+    stem = os.path.splitext(os.path.basename(page))[0]
+    # relative to docs/results, where the pages are committed
+    link = os.path.relpath(os.path.abspath(records_dir),
+                           os.path.join(ROOT, "docs", "results")).replace(os.sep, "/")
     commits = sorted({r.get("git_commit") or "none" for r in records})
+    rows, seeds = (SCREEN_ROWS, SCREEN_SEEDS) if screen else (STUDY_ROWS, [0, 1])
     lines = [
-        "# The micro-batch study",
+        "# Screening BKN's configurations" if screen else "# The micro-batch study",
         "",
-        f"Generated by `python experiments/study.py --write` from the {len(records)} run "
-        f"records in [`study/records/`](study/records/); nothing here is typed by hand. "
-        "Incomplete runs are left out.",
+        f"Generated by `python experiments/study.py {'--screen ' if screen else ''}--write` "
+        f"from the {len(records)} run records in [`{link}/`]({link}/); nothing here is typed "
+        "by hand. Incomplete runs are left out.",
         "",
+    ]
+    if screen:
+        lines += [
+            "Which BKN configuration, if any, beats per-group BN on faithful micro-batches? "
+            f"Shorter runs than [the study](study.md) ({SCREEN_EPOCHS} epochs of the same "
+            f"protocol, a complete schedule), seeds {', '.join(map(str, SCREEN_SEEDS))} (none "
+            "of the study's), both families. **Decision rule:** a configuration becomes the "
+            "default only if it wins against BN m=2 (rule below) on both families here and "
+            "loses to no configuration it would replace; it is then confirmed on runs that "
+            "played no part in the choice (the study's protocol and seeds) before it is "
+            "adopted. If none does, the defaults stay and the README says so.",
+            "",
+        ]
+    lines += [
         "## Protocol",
         "",
         "- **Data:** CIFAR-10's 50,000 training and 10,000 test images from the copy in "
@@ -375,22 +418,37 @@ def write_page(records_dir: str, page: str) -> str:
         "64 groups of 2 rows, each group standing for a device: nothing a group computes reads "
         "another group (tested for every norm, `tests/library/test_faithful_groups.py`, and "
         "against real gloo ranks, `tests/library/test_ddp_equivalence.py`), and running "
-        "statistics follow group 0, as DDP's buffer broadcast gives every device rank 0's.",
+        "statistics follow group 0, as DDP's buffer broadcast gives every device rank 0's. "
+        "BKN's guard and gain are decided per group (`decisions=\"group\"`), also in the "
+        "rows with the released gain and propagation: the released code's layer-wide guard "
+        "reads every group, which separate devices cannot.",
         "- **Schedule:** the harness's `short` recipe, per step: linear warm-up over the first "
         "15 % of the steps (from 0.04x), then a half cosine of the learning rate down to zero "
         "at the last step; Nesterov momentum 0.9, weight decay 5e-4 on conv and linear weights, "
         "peak rate 0.2. The rate "
         "reaching zero is the convergence criterion: the last epochs train at a vanishing rate, "
         "and the curves below show whether full-batch BN had flattened.",
-        "- **Rows:** full-batch BN (the reference), per-group BN at m=2, GroupNorm with the "
-        "released code's 4 groups and with 32 (capped at the divisors of narrow layers), Batch "
-        "Renorm, BKN in the released configuration (fixed gain 0.9, raw propagation, layer-wide "
-        "guard), BKN at this library's defaults (measured per-group gain, normalized "
-        "propagation), BKN with the analytic prediction, FRN + TLU, EvoNorm-S0, GN with "
-        "weight-standardized convs, MABN. Each record stores every resolved option of every "
-        "norm layer.",
-        "- **Second family:** the rows the verdicts rest on also run on MobileNetV2 (width 0.5), "
-        "where defaults chosen on ResNets have failed before.",
+    ]
+    if not screen:
+        lines += [
+            "- **Rows:** full-batch BN (the reference), per-group BN at m=2, GroupNorm with the "
+            "released code's 4 groups and with 32 (capped at the divisors of narrow layers), "
+            "Batch Renorm, BKN with the released code's gain and propagation (fixed gain 0.9, "
+            "raw propagation), BKN at this library's defaults (measured per-group gain, "
+            "normalized propagation), BKN with the analytic prediction, FRN + TLU, EvoNorm-S0, "
+            "GN with weight-standardized convs, MABN. Each record stores every resolved option "
+            "of every norm layer.",
+            "- **Second family:** the rows the verdicts rest on also run on MobileNetV2 (width "
+            "0.5), where defaults chosen on ResNets have failed before.",
+        ]
+    else:
+        lines += [
+            "- **Rows:** per-group BN at m=2 (the baseline to beat) and BKN at the defaults, "
+            "with the released gain and propagation, with the prior over time "
+            "([method, section 8](../method.md)), and with the prior over time and raw "
+            "propagation. Each record stores every resolved option of every norm layer.",
+        ]
+    lines += [
         "- **Cost columns:** *s / epoch* is the median time of an epoch (training and "
         "evaluation) as recorded, on the machine named above each table, one torch thread per "
         "run and other runs sharing its cores, so rows compare as rough ratios only; *peak "
@@ -398,24 +456,24 @@ def write_page(records_dir: str, page: str) -> str:
         "which includes the data set held in memory (about 1 GB for CIFAR-10).",
         "- **Rule:** a row *wins* (*loses*) against another when its mean test error is lower "
         "(higher) by more than the sum of the two rows' seed standard deviations; otherwise it "
-        "ties; with fewer than 2 seeds there is no verdict. *Gap recovered* is "
-        "(BN m=2 − row) / (BN m=2 − BN full batch).",
+        "ties; with fewer than 2 seeds there is no verdict."
+        + ("" if screen else " *Gap recovered* is (BN m=2 − row) / (BN m=2 − BN full batch)."),
         f"- **Code:** commits {', '.join(c[:10] for c in commits)}.",
         "",
     ]
     done = {(r["_family"], r["_row"], r["seed"]) for r in records if r["complete"]}
     for family in FAMILIES:
-        planned = grid([family], None, [0, 1])
+        planned = grid([family], rows if screen else None, seeds)
         missing = [f"{row} (seed {seed})" for _, row, seed in planned
                    if (family, row, seed) not in done]
         lines += [f"## {FAMILIES[family]}", "",
                   f"Complete: {len(planned) - len(missing)} of the {len(planned)} planned runs "
-                  "(every row of the family, seeds 0 and 1)"
+                  f"(seeds {' and '.join(map(str, seeds))})"
                   + (f"; missing: {', '.join(missing)}." if missing else "."), ""]
-        lines += table(cells, family) + [""]
-        png = plot(records, family, os.path.join(out_dir, "study", f"{family}.png"))
+        lines += table(cells, family, rows) + [""]
+        png = plot(records, family, os.path.join(out_dir, stem, f"{family}.png"))
         if png:
-            lines += [f"![{family} curves](study/{family}.png)", ""]
+            lines += [f"![{family} curves]({stem}/{family}.png)", ""]
     os.makedirs(out_dir, exist_ok=True)
     with open(page, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
@@ -426,19 +484,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", help="CIFAR-10 directory (cifar-10-batches-py inside)")
     p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--root", default=os.path.join("runs", "study"), help="run directories")
-    p.add_argument("--records", default=RECORDS, help="where finished records are copied")
-    p.add_argument("--page", default=PAGE)
+    p.add_argument("--screen", action="store_true",
+                   help=f"the screening of BKN's configurations: rows {SCREEN_ROWS} on every "
+                        f"family, {SCREEN_EPOCHS} epochs, seeds {SCREEN_SEEDS} (none of the "
+                        f"study's), records in {SCREEN_RECORDS}, page {SCREEN_PAGE}")
+    p.add_argument("--root", help="run directories (default: runs/study or runs/screening)")
+    p.add_argument("--records", help=f"where finished records are copied (default: {RECORDS})")
+    p.add_argument("--page", help=f"default: {PAGE}")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: the family's rows")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1")
     p.add_argument("--family-seeds", type=_family_seeds, action="append", default=[],
                    metavar="FAMILY=SEEDS", help="seeds of one family, e.g. mobilenet=0,1")
     p.add_argument("--jobs", nargs="+", type=_job, metavar="FAMILY/ROW/SEED",
                    help="these runs, in this order (instead of the grid)")
     p.add_argument("--src", help="the library the runs import (default: this checkout's src), "
                                  "e.g. a worktree frozen at one commit for a long grid")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, help="default: 15")
     p.add_argument("--width", type=int, default=8, help="pre-activation ResNet base width")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's)")
@@ -456,6 +518,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--no-run", action="store_true", help="only --write")
     args = p.parse_args(argv)
     args.started = time.monotonic()
+    screen = args.screen
+    defaults = dict(root=os.path.join("runs", "screening" if screen else "study"),
+                    records=SCREEN_RECORDS if screen else RECORDS,
+                    page=SCREEN_PAGE if screen else PAGE, seeds=SCREEN_SEEDS if screen else [0, 1],
+                    epochs=SCREEN_EPOCHS if screen else 15, rows=SCREEN_ROWS if screen else None)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.smoke:
         args.dataset, args.epochs, args.width = "cifar10_subset", 1, 4
         args.limit_train, args.limit_test, args.seeds = 256, 128, args.seeds[:2]
@@ -468,7 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.epochs >= 1:
             run_grid(jobs, args)
     if args.write:
-        print(write_page(args.records, args.page), flush=True)
+        print(write_page(args.records, args.page, args.screen), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from torch.nn.utils import parametrize
 from .functional import group_affine, stat_dtype
 from .modules import _GroupedNorm
 
-__all__ = ["fit_groups", "FilterResponseNorm2d", "EvoNormS0", "MovingAverageBatchNorm2d",
-           "standardize_conv_weights", "fold_conv_weights", "CONV_WEIGHT_MODES"]
+__all__ = ["fit_groups", "capped_groups", "FilterResponseNorm2d", "EvoNormS0",
+           "MovingAverageBatchNorm2d", "standardize_conv_weights", "fold_conv_weights", "CONV_WEIGHT_MODES"]
 
 CONV_WEIGHT_MODES = ("standardize", "center")
 
@@ -40,6 +40,15 @@ def fit_groups(num_channels: int, num_groups: int) -> int:
     (24, 32, 8)
     """
     return max(g for g in range(1, min(num_groups, num_channels) + 1) if num_channels % g == 0)
+
+
+def capped_groups(num_channels: int, num_groups: int, cap_groups: bool) -> int:
+    """``num_groups``, or with ``cap_groups`` the :func:`fit_groups` of it; ``cap_groups`` must
+    be a bool (a string such as ``"False"`` would read as true)."""
+    if not isinstance(cap_groups, bool):
+        raise ValueError(f"cap_groups must be a bool (got {cap_groups!r}); on the command line "
+                         "write it as JSON: cap_groups=true")
+    return fit_groups(num_channels, num_groups) if cap_groups else num_groups
 
 
 def _check_channels(num_channels) -> int:
@@ -153,9 +162,8 @@ class EvoNormS0(nn.Module):
         self.num_channels = _check_channels(num_channels)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int (got {num_groups!r})")
+        num_groups = capped_groups(num_channels, num_groups, cap_groups)
         self.cap_groups = cap_groups
-        if cap_groups:
-            num_groups = fit_groups(num_channels, num_groups)
         if num_channels % num_groups:
             raise ValueError(f"{num_channels} channels do not split into num_groups={num_groups}"
                              "; pass a num_groups that divides the channel count")

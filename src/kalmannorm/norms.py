@@ -18,7 +18,7 @@ from typing import Callable, Dict, Union
 
 from torch import nn
 
-from .baselines import EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2d, fit_groups
+from .baselines import EvoNormS0, FilterResponseNorm2d, MovingAverageBatchNorm2d, capped_groups
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 
@@ -44,8 +44,7 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, *,
                  cap_groups: bool = False) -> None:
-        if cap_groups:
-            num_groups = fit_groups(num_channels, num_groups)
+        num_groups = capped_groups(num_channels, num_groups, cap_groups)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
         self.cap_groups = cap_groups
 

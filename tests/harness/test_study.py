@@ -1,12 +1,14 @@
 """The study driver (experiments/study.py): its smoke mode runs the whole pipeline on the bundled
 CIFAR subset (what the GPU script runs, on a CPU), its grid and its verdict rule, and the
 committed page regenerates from the committed records."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
@@ -15,10 +17,38 @@ import study  # noqa: E402
 
 def test_grid_runs_every_row_on_the_resnet_and_the_verdict_rows_on_mobilenet():
     jobs = study.grid(["resnet", "mobilenet"], None, [0], {"mobilenet": [0, 1]})
-    assert [j for j in jobs if j[0] == "resnet"] == [("resnet", r, 0) for r in study.ROWS]
+    assert [j for j in jobs if j[0] == "resnet"] == [("resnet", r, 0) for r in study.STUDY_ROWS]
     assert {(r, s) for f, r, s in jobs if f == "mobilenet"} == {
         (r, s) for r in study.VERDICT_ROWS for s in (0, 1)}
     assert jobs.index(("mobilenet", "bn-m2", 1)) > jobs.index(("resnet", "mabn-m2", 0))
+
+
+@pytest.mark.parametrize("family", list(study.FAMILIES))
+def test_every_row_is_a_valid_train_command_and_builds_its_model(family):
+    """Each row's arguments parse, validate and build the family's model, so that no row of a
+    long grid fails only when its turn comes (a JSON option value, an option a layer rejects)."""
+    from kalmannorm.harness.cli import build_parser, config_from_args
+    from kalmannorm.harness.models import build_model
+
+    args = argparse.Namespace(dataset="cifar10", root="/tmp/unused", epochs=1, device="cpu",
+                              data_dir=None, width=4, threads=1, cuda_graphs=False,
+                              limit_train=None, deadline=None)
+    for row in study.ROWS:
+        argv = study.command((family, row, 0), args)[3:]  # after "python -m kalmannorm"
+        assert argv[0] == "train"
+        (config,) = config_from_args(build_parser(argv).parse_args(argv))
+        model = build_model(config.arch, 10, config.norm_layer(), 3, width=config.width,
+                            **config.model_options)
+        assert config.label == study.ROWS[row][0]
+        assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_screening_grid_uses_its_own_rows_seeds_and_records():
+    jobs = study.grid(["resnet", "mobilenet"], study.SCREEN_ROWS, study.SCREEN_SEEDS)
+    assert {s for _, _, s in jobs}.isdisjoint({0, 1, 2})  # none of the study's seeds
+    assert {(f, r) for f, r, _ in jobs} == {(f, r) for f in study.FAMILIES
+                                            for r in study.SCREEN_ROWS}
+    assert study.MICRO_BN in study.SCREEN_ROWS
 
 
 def test_verdict_rule():
@@ -52,12 +82,14 @@ def test_smoke_runs_the_pipeline_and_writes_the_page(tmp_path):
     assert "3 runs, 0 to do" in again.stdout
 
 
-def test_committed_page_regenerates_from_the_committed_records(tmp_path):
-    committed = os.path.join(REPO, study.PAGE)
+@pytest.mark.parametrize("screen", [False, True], ids=["study", "screening"])
+def test_committed_page_regenerates_from_the_committed_records(tmp_path, screen):
+    committed = os.path.join(REPO, study.SCREEN_PAGE if screen else study.PAGE)
     if not os.path.exists(committed):
-        pytest.skip("no study page committed yet")
+        pytest.skip("no page committed yet")
+    name = os.path.basename(committed)
     subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--no-run",
-                    "--write", "--page", str(tmp_path / "study.md")],
+                    *(["--screen"] if screen else []), "--write", "--page", str(tmp_path / name)],
                    check=True, capture_output=True, cwd=REPO, env=dict(os.environ, MPLBACKEND="Agg"))
     with open(committed) as f:
-        assert (tmp_path / "study.md").read_text() == f.read()
+        assert (tmp_path / name).read_text() == f.read()

@@ -353,6 +353,11 @@ def test_bfloat16_input_and_autocast(name, kw):
 def test_bad_options_and_inputs_name_the_way_out():
     with pytest.raises(ValueError, match="do not split into num_groups=32; pass a num_groups"):
         kn.EvoNormS0(16)
+    for make in (kn.EvoNormS0, kn.GroupNorm):  # "False" would read as true: refused
+        with pytest.raises(ValueError, match="cap_groups must be a bool .*cap_groups=true"):
+            make(16, cap_groups="False")
+        assert make(16, cap_groups=True).num_groups == 16 and make(48, num_groups=32,
+                                                                    cap_groups=True).num_groups == 24
     with pytest.raises(ValueError, match="num_channels must be a positive int"):
         kn.FilterResponseNorm2d(0)
     with pytest.raises(ValueError, match="eps must be >= 0"):
