@@ -16,6 +16,7 @@ from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional.dispatch import get_backend, set_backend, use_backend
 from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, configure, convert_batchnorm,
                       norm_then, register_converter, to_batchnorm)
+from .example_weighing import ExampleWeighing, weigh_examples
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchKalmanNormNd
 from .norms import (GroupNorm, GroupNorm1, InstanceGroupNorm, get_norm_layer, norm_names,
                     register_norm)
@@ -40,6 +41,7 @@ __all__ = [
     "functional",
     "set_backend", "get_backend", "use_backend",
     "guard_report",
+    "weigh_examples", "ExampleWeighing",
 ]
 
 
