@@ -6,7 +6,8 @@ one training step (batch 4 = 2 groups of 2) and checks that the loss and gradien
 and that the priors were used. A refusal is recorded with the op the analytic prediction has no
 rule for. Detection models are measured on their backbone (the part a user converts, see the
 README's detection recipe); timm's ``BatchNormAct2d`` is split into BatchNorm + drop + act
-before the conversion (``split_norm_act``) until ``convert_batchnorm`` converts it itself.
+before the conversion (``split_norm_act``), as in the committed records: the analytic
+prediction now follows the converted norm+act layer itself, with the same rules.
 Needs torchvision and timm (``pip install torchvision timm`` with torch pinned); where the
 torchvision wheel's C++ ops do not load, ``register_nms`` defines a pure-torch ``nms``.
 
@@ -204,8 +205,8 @@ MODELS: Dict[str, tuple] = {
 def split_norm_act(model: nn.Module) -> int:
     """Replace timm's ``BatchNormAct2d`` by ``Sequential(BatchNorm2d, drop, act)`` in place.
 
-    A stand-in for the conversion ``convert_batchnorm`` will do itself: the same function, the
-    same parameters and buffers. Returns the number of layers replaced.
+    What ``convert_batchnorm`` now follows itself (a ``BatchKalmanNormAct2d``): the same
+    function, the same parameters and buffers. Returns the number of layers replaced.
     """
     try:
         from timm.layers import BatchNormAct2d

@@ -85,8 +85,9 @@ class _ThenChildren:
 
 class BatchKalmanNormAct2d(_ThenChildren, BatchKalmanNorm2d):
     """:class:`BatchKalmanNorm2d` followed by child modules (timm's ``BatchNormAct2d``: ``drop``
-    then ``act``); the shadow rows pass through them like the real rows. Made by
-    :func:`norm_then`; state dict keys are those of the original layer."""
+    then ``act``); the shadow rows pass through them like the real rows, and the analytic
+    prediction follows them by their moment rules. Made by :func:`norm_then`; state dict keys
+    are those of the original layer."""
 
 
 class BatchKalmanNormActNd(_ThenChildren, BatchKalmanNormNd):

@@ -13,9 +13,11 @@ from torch import nn
 from kalmannorm import (
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
+    BatchKalmanNormAct2d,
     KalmanPredictor,
     convert_batchnorm,
     guard_report,
+    norm_then,
     to_batchnorm,
 )
 from kalmannorm.analytic import (
@@ -425,6 +427,138 @@ def test_gradients_flow_through_the_prior():
         model(x).square().sum().backward()
         grads.append(model.module.conv0.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+# ------------------------------------------------- norm+act layers (timm's BatchNormAct2d)
+
+# act_layer, act_kwargs, drop_layer of timm's BatchNormAct2d
+NORM_ACTS = {
+    "SiLU": (nn.SiLU, None, None),
+    "ReLU, dropout": (nn.ReLU, None, functools.partial(nn.Dropout, 0.2)),
+    "Hardswish": (nn.Hardswish, None, None),
+    "LeakyReLU": (nn.LeakyReLU, {"negative_slope": 0.2}, None),
+}
+
+
+class _NormActNet(nn.Module):
+    """``conv -> BatchNormAct2d -> conv -> BatchNormAct2d``, as timm builds its norm+act models."""
+
+    def __init__(self, norm_act, act_layer, act_kwargs, drop_layer):
+        super().__init__()
+        conv = functools.partial(nn.Conv2d, padding=1, padding_mode="circular")
+        options = dict(act_layer=act_layer, act_kwargs=act_kwargs)
+        self.conv1, self.bn1 = conv(3, 4, 3), norm_act(4, drop_layer=drop_layer, **options)
+        self.conv2, self.bn2 = conv(4, 5, 3), norm_act(5, **options)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_()
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+
+def _split_norm_act(net):
+    """A copy of ``net`` with each norm+act layer as ``Sequential(BatchNorm2d, drop, act)``."""
+    split = copy.deepcopy(net)
+    for name in ("bn1", "bn2"):
+        norm_act = getattr(split, name)
+        bn = nn.BatchNorm2d(norm_act.num_features)
+        bn.load_state_dict(norm_act.state_dict())
+        setattr(split, name, nn.Sequential(bn, norm_act.drop, norm_act.act))
+    return split
+
+
+@pytest.mark.parametrize("act", list(NORM_ACTS))
+def test_norm_act_layers_equal_separate_activations(act):
+    timm_layers = pytest.importorskip("timm.layers")
+    net = _NormActNet(timm_layers.BatchNormAct2d, *NORM_ACTS[act])
+    split = _split_norm_act(net)
+    fused = convert_batchnorm(net, micro_batch=2, prediction="analytic")
+    apart = convert_batchnorm(split, micro_batch=2, prediction="analytic")
+    assert isinstance(fused.module.bn1, BatchKalmanNormAct2d)
+    assert type(apart.module.bn1[0]) is BatchKalmanNorm2d
+    logs = [_record_priors({"bn2": fused.module.bn2}), _record_priors({"bn2": apart.module.bn2[0]})]
+    x, r = torch.randn(4, 3, 8, 8) + 0.5, torch.randn(4, 5, 8, 8)
+    # the first layer frozen (eval mode) in the second pass: it normalizes with its running
+    # statistics and its children still run once
+    for frozen in (False, True):
+        outputs = []
+        for model in (fused, apart):
+            model.module.bn1.train(not frozen)
+            model.zero_grad()
+            torch.manual_seed(1)  # the same dropout masks
+            y = model(x)
+            (y * r).sum().backward()
+            outputs.append((y, model.module.conv1.weight.grad))
+        (y_fused, g_fused), (y_apart, g_apart) = outputs
+        torch.testing.assert_close(y_fused, y_apart, atol=0, rtol=0)
+        torch.testing.assert_close(g_fused, g_apart, atol=1e-6, rtol=1e-5)
+        if not frozen:  # a frozen first layer has no prior to pass on
+            priors = [log["bn2"][0] for log in logs]
+            assert priors[0] is not None
+            torch.testing.assert_close(priors[0], priors[1], atol=0, rtol=0)
+
+
+# Without dropout: after it, the activation's rule takes its input (no longer Gaussian) as
+# Gaussian, the moment matching of two nonlinearities in a row (docs/analytic.md).
+@pytest.mark.parametrize("act", [name for name, spec in NORM_ACTS.items() if spec[2] is None])
+def test_norm_act_rules_monte_carlo(act):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    act_layer, act_kwargs, _ = NORM_ACTS[act]
+    net = nn.Sequential(timm_layers.BatchNormAct2d(3, act_layer=act_layer, act_kwargs=act_kwargs),
+                        nn.BatchNorm2d(3))
+    # raw propagation: the moments leaving the first layer are its combined statistics
+    model = convert_batchnorm(net, micro_batch=2, propagate="raw", prediction="analytic")
+    n1 = model.module[0]
+    log = _record_priors({"n1": n1, "n2": model.module[1]})
+    model(torch.randn(4, 3, 4, 4) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 0.7)
+    with torch.no_grad():
+        out = n1.act(n1.drop(sample_rows(*log["n1"][1], 4000, (4, 4))))
+        _close(group_moments(out, S), tuple(t.detach() for t in log["n2"][0]))
+
+
+def test_timm_norm_act_model_trains_with_the_analytic_prediction():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    # refused before the analytic prediction followed the children of BatchNormAct2d
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    model = convert_batchnorm(model, micro_batch=2, prediction="analytic")
+    assert isinstance(model, AnalyticKalmanPredictor)
+    assert any(isinstance(m, BatchKalmanNormAct2d) for m in model.modules())
+    loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert guard_report(model)["priors"] > 0
+
+
+def test_norm_act_child_without_rule_is_refused():
+    timm_layers = pytest.importorskip("timm.layers")
+    needle = (r"no moment rule for module '1\.act' \(SELU\).*\('1' runs it after normalizing\)"
+              r".*sampled prediction")
+
+    def net(last=nn.BatchNorm2d(3)):
+        return nn.Sequential(nn.Conv2d(3, 3, 1), timm_layers.BatchNormAct2d(3, act_layer=nn.SELU),
+                             nn.Conv2d(3, 3, 1), last)
+
+    model = net()
+    with pytest.raises(NotImplementedError, match=needle):
+        convert_batchnorm(model, micro_batch=2, prediction="analytic")
+    assert type(model[1]) is timm_layers.BatchNormAct2d  # left as it was
+    converted = net(BatchKalmanNorm2d(3, micro_batch=2))
+    converted[1] = norm_then(BatchKalmanNorm2d, "drop", "act")(converted[1], {"micro_batch": 2})
+    with pytest.raises(NotImplementedError, match=needle):
+        AnalyticKalmanPredictor(converted)
+    # after the last BKN layer, no rule is needed
+    last = convert_batchnorm(net()[:2], micro_batch=2, prediction="analytic")
+    assert last(torch.randn(4, 3, 4, 4)).shape == (4, 3, 4, 4)
+    # a BKN layer of another class does not say which children it runs
+    hidden = BatchKalmanNorm2d(3, micro_batch=2)
+    hidden.act = nn.ReLU()
+    with pytest.raises(NotImplementedError, match=r"cannot follow the layers that '0' runs"):
+        AnalyticKalmanPredictor(nn.Sequential(hidden, BatchKalmanNorm2d(3, micro_batch=2)))
 
 
 # -------------------------------------------------------------------- interface, refusals

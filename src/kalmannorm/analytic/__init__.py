@@ -54,10 +54,14 @@ ones computed in float64):
 - identity, ``clone``, ``contiguous``, ``detach``, negation; an eval-mode BatchNorm or BKN
   layer is the affine map with its running statistics;
 - a BKN layer's outgoing moments: its combined ``(mean, var)`` with ``propagate="raw"`` (the
-  released code), ``(bias, weight^2 var / (var + eps))`` with ``"normalized"``.
+  released code), ``(bias, weight^2 var / (var + eps))`` with ``"normalized"``; a norm+act
+  layer (timm's ``BatchNormAct2d``, converted to :class:`~kalmannorm.BatchKalmanNormAct2d`)
+  runs its children after normalizing (``drop``, then ``act``), which the graph calls as
+  modules of their own, each followed by its rule above (identity, dropout, an activation).
 
 Any other op that receives moments on the way to a BKN layer (attention, a division by a
-random tensor, unknown modules) is refused when the wrapper is built, naming the op; ops after
+random tensor, unknown modules, also as a norm+act layer's child) is refused when the wrapper
+is built, naming the op; ops after
 the last BKN layer (a classifier head) need no rule. The sampled prediction handles any layer.
 
 The package: :mod:`.rules` (the moments through linear and structural ops) and

@@ -3,9 +3,10 @@ The graph rewrite of the analytic prediction and :class:`AnalyticKalmanPredictor
 
 Part of :mod:`kalmannorm.analytic`: the model is traced with :mod:`torch.fx` (BKN and
 ``torch.nn`` layers are leaves); each BKN call becomes :func:`_kalman_step` (normalize with the
-prior moments, return the output and the outgoing moments) and every node between BKN layers
-gets its twin (:mod:`.table`, :mod:`.twins`), so the generated ``forward`` runs both with no
-interpreter in between.
+prior moments, return the output and the outgoing moments), followed by a call of each child
+module a norm+act layer runs after normalizing (timm's ``BatchNormAct2d``: ``drop``, ``act``),
+and every node between BKN layers gets its twin (:mod:`.table`, :mod:`.twins`), so the
+generated ``forward`` runs both with no interpreter in between.
 """
 from __future__ import annotations
 
@@ -38,11 +39,15 @@ class _PassState(nn.Module):
 def _kalman_step(
     layer: _BatchKalmanNorm, state: _PassState, x: Tensor, prior: Optional[Moments]
 ) -> Tuple[Tensor, Optional[Moments]]:
-    """One BKN layer: normalize ``x`` with ``prior``, return the output and outgoing moments."""
+    """One BKN layer: normalize ``x`` with ``prior``, return the output and outgoing moments.
+
+    The normalization only: the children a norm+act layer runs after it are nodes of the graph.
+    """
     if not (layer.training or not layer.track_running_stats):
         # Eval mode: BatchNorm with the running statistics, an affine map of the moments (the
-        # sampled prediction passes its shadow rows through it the same way).
-        y = layer(x)
+        # sampled prediction passes its shadow rows through it the same way). A norm+act
+        # layer without its children, which follow as graph nodes.
+        y = _BatchKalmanNorm.forward(layer, x) if getattr(layer, "_then", ()) else layer(x)
         return y, None if prior is None else eval_norm_moments(layer, prior)
     layer._check_input_dim(x)
     valid = None
@@ -90,11 +95,22 @@ def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.Gra
     return fx.GraphModule(tracer.root, graph, class_name=type(module).__name__ + "Analytic")
 
 
-def _check_no_hidden_layers(node: fx.Node, gm: fx.GraphModule) -> None:
-    """Refuse a norm layer that runs child modules after normalizing (timm's BatchNormAct2d):
-    they are inside the traced leaf, where no moment rule can follow them."""
-    hidden = [f"{name} ({type(m).__name__})"
-              for name, m in gm.get_submodule(node.target).named_children()
+def _children_after(node: fx.Node, gm: fx.GraphModule) -> Tuple[str, ...]:
+    """The child modules the norm layer of ``node`` runs on its output, in order.
+
+    A norm+act BKN layer (:func:`~kalmannorm.norm_then`, e.g. from timm's ``BatchNormAct2d``)
+    names them in ``_then``; a BatchNorm subclass still to be converted (:func:`check_analytic`)
+    is taken to run all its children in order, as timm's (``drop``, then ``act``). Another BKN
+    layer with children other than ``nn.Identity`` is refused: they are inside the traced leaf,
+    where no moment rule can follow them.
+    """
+    layer = gm.get_submodule(node.target)
+    then = getattr(layer, "_then", None)
+    if then is not None:
+        return tuple(then)
+    if not isinstance(layer, _BatchKalmanNorm):
+        return tuple(name for name, _ in layer.named_children())
+    hidden = [f"{name} ({type(m).__name__})" for name, m in layer.named_children()
               if not isinstance(m, nn.Identity)]
     if hidden:
         raise NotImplementedError(
@@ -103,6 +119,32 @@ def _check_no_hidden_layers(node: fx.Node, gm: fx.GraphModule) -> None:
             "(kalmannorm.KalmanPredictor, or convert_batchnorm(..., prediction='sampled')), "
             "which runs any layer"
         )
+    return ()
+
+
+def _follow(graph: fx.Graph, node: fx.Node, moments: Dict[fx.Node, fx.Node],
+            gm: fx.GraphModule, where: str = "") -> None:
+    """Insert the twin of ``node`` at the graph's insertion point and record its moments.
+
+    An op without a rule is refused, naming it (``where``: how it is reached, if not plainly).
+    """
+    emit = rule(node, gm)
+    mv = None
+    if emit is not None:
+        try:
+            mv = emit(graph, node, moments)
+        except Unsupported:
+            emit = None
+    if emit is None:
+        raise NotImplementedError(
+            f"the analytic prediction has no moment rule for {describe(node, gm)} (node "
+            f"{node.name!r}), which receives the statistics of a BKN layer{where}; supported: "
+            f"{', '.join(supported_ops())}. Use the sampled prediction "
+            "(kalmannorm.KalmanPredictor, or convert_batchnorm(..., prediction='sampled')), "
+            "which runs any layer"
+        )
+    if mv is not None:
+        moments[node] = mv
 
 
 def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
@@ -128,7 +170,7 @@ def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         if kalman(node):
-            _check_no_hidden_layers(node, gm)
+            children = _children_after(node, gm)
             x = arg(node, 0, "input")
             if state is None:
                 first = next(n for n in graph.nodes if n.op != "placeholder")
@@ -140,30 +182,20 @@ def _rewrite(gm: fx.GraphModule, is_kalman: Callable[[nn.Module], bool]) -> int:
                 y = graph.call_function(operator.getitem, (step, 0))
                 if node in feeds:
                     moments[y] = graph.call_function(operator.getitem, (step, 1))
+                # A norm+act layer's children, each a module call followed by its own rule.
+                for name in children:
+                    y = graph.call_module(f"{node.target}.{name}", (y,))
+                    if node in feeds:
+                        _follow(graph, y, moments, gm, f" ({node.target!r} runs it after "
+                                                       "normalizing)")
             node.replace_all_uses_with(y)
             graph.erase_node(node)
             count += 1
             continue
         if node not in feeds or not any(n in moments for n in node.all_input_nodes):
             continue  # no BKN layer upstream, or none downstream: no moments needed
-        emit = rule(node, gm)
-        mv = None
-        if emit is not None:
-            try:
-                with graph.inserting_before(node.next):
-                    mv = emit(graph, node, moments)
-            except Unsupported:
-                emit = None
-        if emit is None:
-            raise NotImplementedError(
-                f"the analytic prediction has no moment rule for {describe(node, gm)} (node "
-                f"{node.name!r}), which receives the statistics of a BKN layer; supported: "
-                f"{', '.join(supported_ops())}. Use the sampled prediction "
-                "(kalmannorm.KalmanPredictor, or convert_batchnorm(..., prediction='sampled')), "
-                "which runs any layer"
-            )
-        if mv is not None:
-            moments[node] = mv
+        with graph.inserting_before(node.next):
+            _follow(graph, node, moments, gm)
     graph.lint()
     return count
 
