@@ -28,9 +28,8 @@ def test_model(spec):
     assert result.get("converts"), result.get("error")
     assert result["bkn_layers"] == result["batchnorm_layers"] or spec.kind == "detection"
     assert result["trains"], result
-    # Groups never mix, except through the guard's one decision per layer over all groups
-    # (the released code's rule; reported to the lead): then a layer decided differently.
-    assert result["groups_independent"] or result["guard_decisions_differ"], result
+    # Groups never mix: every decision is per group at the defaults
+    assert result["groups_independent"], result
     assert result["deploy_equal"], result
     analytic = result["analytic"]
     assert analytic == "accepted" or (
