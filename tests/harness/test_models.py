@@ -111,3 +111,23 @@ def test_mobilenet_v2_is_torchvision_s_network():
         torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
     with pytest.raises(ValueError, match="takes width_mult"):
         build_model("mobilenet_v2_w050", 10, width=8)
+
+
+def test_mobilenet_v2_stem_stride_one_keeps_twice_the_resolution():
+    """``stem_stride=1``: the same parameters and maps twice as wide (2x2 at the end on 32 px,
+    where torchvision's layout ends in 1x1); equal to torchvision's model with its stem's
+    stride set to 1."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ours = build_model("mobilenet_v2_w050", 10, stem_stride=1)
+    theirs = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5)
+    theirs.features[0][0].stride = (1, 1)
+    ours.load_state_dict(dict(zip(ours.state_dict(), theirs.state_dict().values())))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    assert ours.features(x).shape[-2:] == (2, 2)
+    assert build_model("mobilenet_v2_w050", 10).features(x).shape[-2:] == (1, 1)
+    for bad in (3, True, "1"):
+        with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+            build_model("mobilenet_v2_w050", 10, stem_stride=bad)

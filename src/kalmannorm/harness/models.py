@@ -355,7 +355,10 @@ class MobileNetV2(nn.Module):
 
     Inverted residuals with depthwise convolutions and linear bottlenecks: the family where
     priors propagated through depthwise convs are hardest (docs/results/prior/). On 32x32 inputs
-    the last maps are 1x1, as with torchvision's model.
+    the last maps are 1x1, as with torchvision's model: statistics over groups of 2 rows then
+    have 2 values per channel, and every batch-statistics norm at m=2 diverged there in the
+    study's screening. ``stem_stride=1`` (the first convolution keeps the resolution, as CIFAR
+    adaptations of the model do) ends in 2x2 maps for 4x the compute.
 
     Args:
         num_classes: output logits.
@@ -363,6 +366,7 @@ class MobileNetV2(nn.Module):
         in_channels: image channels. Default: 3.
         width_mult: channel multiplier. Default: 1.0.
         dropout: before the classifier. Default: 0.2.
+        stem_stride: stride of the first convolution, 2 (torchvision) or 1. Default: 2.
     """
 
     # expansion t, channels c, blocks n, first stride s
@@ -370,12 +374,15 @@ class MobileNetV2(nn.Module):
                 (6, 160, 3, 2), (6, 320, 1, 1))
 
     def __init__(self, num_classes: int, norm_layer: Optional[NormLayer] = None,
-                 in_channels: int = 3, *, width_mult: float = 1.0, dropout: float = 0.2) -> None:
+                 in_channels: int = 3, *, width_mult: float = 1.0, dropout: float = 0.2,
+                 stem_stride: int = 2) -> None:
         super().__init__()
+        if stem_stride not in (1, 2) or isinstance(stem_stride, bool):
+            raise ValueError(f"stem_stride must be 1 or 2 (got {stem_stride!r})")
         norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
         channels = _make_divisible(32 * width_mult)
         last = _make_divisible(1280 * max(1.0, width_mult))
-        layers: List[nn.Module] = [nn.Conv2d(in_channels, channels, 3, 2, 1, bias=False),
+        layers: List[nn.Module] = [nn.Conv2d(in_channels, channels, 3, stem_stride, 1, bias=False),
                                    norm_layer(channels), nn.ReLU6()]
         for t, c, n, s in self.SETTINGS:
             out = _make_divisible(c * width_mult)
@@ -416,9 +423,9 @@ def build_model(
             a registry name is resolved with ``kalmannorm.get_norm_layer``. Default: BatchNorm2d.
         in_channels: image channels. Default: 3.
         width: base width (default 16 for ``preact_resnet*``, 64 for ``resnet*``).
-        **options: ``stem`` and ``zero_init_residual`` for ``resnet*``, ``width_mult`` and
-            ``dropout`` for ``mobilenet_v2``; an option the architecture does not take raises
-            ``ValueError``.
+        **options: ``stem`` and ``zero_init_residual`` for ``resnet*``, ``width_mult``,
+            ``dropout`` and ``stem_stride`` for ``mobilenet_v2``; an option the architecture
+            does not take raises ``ValueError``.
 
     A ``norm_layer`` that declares ``conv_weights`` (``"standardize"``: registry name
     ``groupnorm_ws``; ``"center"``: ``mabn``) gets every convolution of the model reparametrized
@@ -435,10 +442,10 @@ def build_model(
             from kalmannorm import get_norm_layer
 
             norm_layer = get_norm_layer(norm_layer)
-        unknown = set(options) - {"width_mult", "dropout"}
+        unknown = set(options) - {"width_mult", "dropout", "stem_stride"}
         if unknown or (mobile.group(1) and "width_mult" in options):
-            raise ValueError(f"{arch} takes only width_mult (unless named by the suffix) and "
-                             f"dropout (got {sorted(options)})")
+            raise ValueError(f"{arch} takes only width_mult (unless named by the suffix), "
+                             f"dropout and stem_stride (got {sorted(options)})")
         if mobile.group(1):
             options["width_mult"] = int(mobile.group(1)) / 100
         model = MobileNetV2(num_classes, norm_layer, in_channels, **options)
