@@ -385,6 +385,36 @@ def plot(records, family: str, path: str) -> Optional[str]:
     return path
 
 
+def decision(screened, confirmed) -> List[str]:
+    """The screening's decision by its rule, from the screening's cells and the study's (the
+    confirmation: other seeds, the full schedule)."""
+    lines = ["## Decision", "",
+             "By the rule above, from the records: a BKN configuration *qualifies* when it wins "
+             "against BN m=2 in the screening on every family; it is *adopted* as the default "
+             "only if it also wins in the confirmation, the study's runs of the same row "
+             "(seeds 0 and 1, the full schedule; none of them used here).", "",
+             "| Row | " + " | ".join(f"Screening, {f}" for f in PLANNED_FAMILIES) +
+             " | Confirmation (study, " + PLANNED_FAMILIES[0] + ") | Outcome |",
+             "|---|" + "---|" * (len(PLANNED_FAMILIES) + 2)]
+    for row in SCREEN_ROWS:
+        if row == MICRO_BN:
+            continue
+        verdicts = []
+        for family in PLANNED_FAMILIES:
+            cell, base = screened.get((family, row)), screened.get((family, MICRO_BN))
+            verdicts.append(verdict(cell["errors"], base["errors"]) if cell and base
+                            else "not run")
+        cell = confirmed.get((PLANNED_FAMILIES[0], row))
+        base = confirmed.get((PLANNED_FAMILIES[0], MICRO_BN))
+        confirm = f"{verdict(cell['errors'], base['errors'])} ({_fmt(cell['errors'])} vs " \
+                  f"{_fmt(base['errors'])})" if cell and base else "not run"
+        qualifies = all(v == "win" for v in verdicts)
+        outcome = ("does not qualify" if not qualifies else
+                   "adopted" if confirm.startswith("win") else "qualifies, not confirmed")
+        lines.append(f"| {ROWS[row][0]} | {' | '.join(verdicts)} | {confirm} | {outcome} |")
+    return lines + [""]
+
+
 def write_page(records_dir: str, page: str, screen: bool = False) -> str:
     """The study's page (or with ``screen`` the screening's) from every record in
     ``records_dir``."""
@@ -506,6 +536,8 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
         png = plot(records, family, os.path.join(out_dir, stem, f"{family}.png"))
         if png:
             lines += [f"![{family} curves]({stem}/{family}.png)", ""]
+    if screen:
+        lines += decision(cells, summary(load(os.path.join(ROOT, RECORDS))))
     os.makedirs(out_dir, exist_ok=True)
     with open(page, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")

@@ -93,3 +93,21 @@ def test_committed_page_regenerates_from_the_committed_records(tmp_path, screen)
                    check=True, capture_output=True, cwd=REPO, env=dict(os.environ, MPLBACKEND="Agg"))
     with open(committed) as f:
         assert (tmp_path / name).read_text() == f.read()
+
+
+def test_screening_decision_needs_wins_on_every_family_and_in_the_confirmation():
+    def cells(errors):  # {(family, row): errors}
+        return {key: {"errors": e} for key, e in errors.items()}
+
+    r, m = study.PLANNED_FAMILIES
+    base = {(r, "bn-m2"): [40.0, 40.2], (m, "bn-m2"): [60.0, 60.2]}
+    screened = cells({**base, (r, "bkn-default"): [35.0, 35.1], (m, "bkn-default"): [55.0, 55.2],
+                      (r, "bkn-released"): [35.0, 35.1], (m, "bkn-released"): [60.0, 61.0],
+                      (r, "bkn-time"): [35.0, 35.1], (m, "bkn-time"): [55.0, 55.2]})
+    confirmed = cells({(r, "bn-m2"): [22.0, 22.2], (r, "bkn-default"): [20.0, 20.1],
+                       (r, "bkn-time"): [22.0, 23.0]})
+    outcome = {line.split(" | ")[0][2:]: line.split(" | ")[-1][:-2]
+               for line in study.decision(screened, confirmed) if line.startswith("| BKN")}
+    assert outcome == {study.ROWS["bkn-default"][0]: "adopted",
+                       study.ROWS["bkn-released"][0]: "does not qualify",  # ties on MobileNet
+                       study.ROWS["bkn-time"][0]: "qualifies, not confirmed"}
