@@ -10,7 +10,10 @@ Protocol (the paper's "batch size 2" on CIFAR): SGD batch 128 with statistics ov
 m = 2 rows (64 groups, each standing for a device), the released augmentation, the harness's
 ``short`` recipe (linear warm-up, then cosine decay of the learning rate to zero), CIFAR-10's
 full training set. Families: the pre-activation ResNet-20 of the released code (``--width``)
-and torchvision's MobileNetV2 at width 0.5 (the harness's copy of it).
+and torchvision's MobileNetV2 at width 0.5 (the harness's copy of it) with its first convolution
+at stride 1 (``mobilenet_s1``; in torchvision's layout, ``mobilenet``, the last maps are 1x1 on
+CIFAR and every norm with statistics over 2 rows diverged). ``--screen`` runs the screening of
+BKN's configurations instead (docs/results/screening.md).
 
     # CPU (2 cores): width 8, two runs at a time, one thread each
     python experiments/study.py --data-dir data --device cpu --width 8 --epochs 15 --parallel 2
@@ -329,7 +332,7 @@ def table(cells, family: str, rows: Sequence[str]) -> List[str]:
     columns = ["Row", "Seeds", "Epochs", "Test error % (mean ± sd)"] + \
         (["Gap recovered"] if gap else []) + (["vs BN m=2"] if micro else []) + \
         (["vs GN 4"] if gn else []) + ["s / epoch", "Peak memory (MiB)"]
-    lines = [f"Architecture `{FAMILIES[family]}` {' '.join(FAMILY_SPECS[family][1])}".rstrip()
+    lines = [f"Architecture: {FAMILY_SPECS[family][2]}"
              + (f", width {any_cell['width']}" if family == "resnet" else "")
              + f"; device: {any_cell['device']}.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -559,7 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: the family's rows")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1")
     p.add_argument("--family-seeds", type=_family_seeds, action="append", default=[],
-                   metavar="FAMILY=SEEDS", help="seeds of one family, e.g. mobilenet=0,1")
+                   metavar="FAMILY=SEEDS", help="seeds of one family, e.g. mobilenet_s1=0,1")
     p.add_argument("--jobs", nargs="+", type=_job, metavar="FAMILY/ROW/SEED",
                    help="these runs, in this order (instead of the grid)")
     p.add_argument("--src", help="the library the runs import (default: this checkout's src), "

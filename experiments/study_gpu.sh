@@ -25,7 +25,7 @@ mkdir -p "$OUT" "$ROOT"
 export PYTHONUNBUFFERED=1
 
 if [ -n "${SMOKE:-}" ]; then
-    "$PY" experiments/study.py --smoke --families resnet mobilenet --rows bn-m2 bkn-default \
+    "$PY" experiments/study.py --smoke --families resnet mobilenet_s1 --rows bn-m2 bkn-default \
         --seeds 0 --parallel 2 --root "$ROOT" --records "$ROOT/records" --page "$OUT/study.md" \
         --write
 else
@@ -70,7 +70,7 @@ CHECK
         echo "MPS not available"
     fi
     "$PY" experiments/study.py --data-dir "$DATA" --device cuda --width 16 --epochs 30 \
-        --families resnet mobilenet --seeds 0 --family-seeds mobilenet=0,1 --parallel 40 \
+        --families resnet mobilenet_s1 --seeds 0 --family-seeds mobilenet_s1=0,1 --parallel 40 \
         --cuda-graphs --threads 0 --deadline "$DEADLINE" --calibrate --root "$ROOT" \
         --records "$ROOT/records"
 fi

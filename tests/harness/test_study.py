@@ -16,11 +16,11 @@ import study  # noqa: E402
 
 
 def test_grid_runs_every_row_on_the_resnet_and_the_verdict_rows_on_mobilenet():
-    jobs = study.grid(["resnet", "mobilenet"], None, [0], {"mobilenet": [0, 1]})
+    jobs = study.grid(["resnet", "mobilenet_s1"], None, [0], {"mobilenet_s1": [0, 1]})
     assert [j for j in jobs if j[0] == "resnet"] == [("resnet", r, 0) for r in study.STUDY_ROWS]
-    assert {(r, s) for f, r, s in jobs if f == "mobilenet"} == {
+    assert {(r, s) for f, r, s in jobs if f == "mobilenet_s1"} == {
         (r, s) for r in study.VERDICT_ROWS for s in (0, 1)}
-    assert jobs.index(("mobilenet", "bn-m2", 1)) > jobs.index(("resnet", "mabn-m2", 0))
+    assert jobs.index(("mobilenet_s1", "bn-m2", 1)) > jobs.index(("resnet", "mabn-m2", 0))
 
 
 @pytest.mark.parametrize("family", list(study.FAMILIES))
