@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -57,11 +58,20 @@ def cross_fit(halves: Sequence[Sequence[float]], alphas: Sequence[float]) -> Dic
                 plain_error=statistics.fmean(h[alphas.index(0.0)] for h in halves))
 
 
+@functools.lru_cache(maxsize=None)
+def _dataset(name: str, data_dir: Optional[str], image_size: Optional[int]):
+    """Each data set read once for all the runs evaluated on it."""
+    from kalmannorm.harness.data import load_dataset
+
+    return load_dataset(name, data_dir, image_size=image_size)
+
+
 def measure(source: str, args) -> Optional[Dict[str, Any]]:
-    """The record for one study record ``source``, or None when its checkpoint is absent."""
+    """The record for one study record ``source``, or None when its checkpoint is absent or its
+    model has no layer that evaluates with running statistics (``weigh_examples`` says so)."""
     import torch
 
-    from kalmannorm.harness.data import load_dataset
+    import kalmannorm as kn
     from kalmannorm.harness.records import git_info, versions
     from kalmannorm.harness.train import TrainConfig, _build
 
@@ -76,9 +86,14 @@ def measure(source: str, args) -> Optional[Dict[str, Any]]:
         raise ValueError(f"{checkpoint} is not the run {source} recorded (final metrics differ)")
     config = TrainConfig.from_dict({**run["config"],
                                     **({"data_dir": args.data_dir} if args.data_dir else {})})
-    data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
+    data = _dataset(config.dataset, config.data_dir, config.image_size)
     model, _ = _build(config, data, torch.device("cpu"))
     model.load_state_dict(ckpt["model"])
+    try:
+        kn.weigh_examples(model, 0.0).remove()
+    except ValueError as err:
+        print(f"{source}: {err}; skipped", flush=True)
+        return None
     halves = []
     for start in (0, 1):
         index = torch.arange(start, data.test_x.shape[0], 2)
@@ -89,10 +104,9 @@ def measure(source: str, args) -> Optional[Dict[str, Any]]:
     if abs(result["plain_error"] - run["final"]["test_error"]) > 1e-9:
         raise ValueError(f"{source}: plain evaluation gives {result['plain_error']}, the run "
                          f"recorded {run['final']['test_error']}")
+    family, row, _ = study.job_of(source)
     return dict(kind="example_weighing", source=os.path.relpath(source, ROOT), label=run["label"],
-                family=os.path.basename(source).split("-", 1)[0],
-                row=os.path.basename(source).split("-", 1)[1].rsplit("-seed", 1)[0],
-                seed=run["seed"], checkpoint=checkpoint, alphas=list(ALPHAS),
+                family=family, row=row, seed=run["seed"], checkpoint=checkpoint, alphas=list(ALPHAS),
                 halves="even and odd test indices", errors_by_half=halves, **result,
                 git_commit=commit, git_dirty=dirty, versions=versions())
 
@@ -152,8 +166,8 @@ def write_page(records_dir: str, page: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", help="CIFAR-10 directory (cifar-10-batches-py inside)")
-    p.add_argument("--sources", nargs="+", help="study records (default: every committed one "
-                                                "whose row evaluates with running statistics)")
+    p.add_argument("--sources", nargs="+", help="study records (default: every committed one; "
+                                                "models without running statistics are skipped)")
     p.add_argument("--records", default=RECORDS)
     p.add_argument("--page", default=PAGE)
     p.add_argument("--threads", type=int, default=1)
@@ -169,11 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        sources = args.sources or [
-            os.path.join(ROOT, study.RECORDS, n) for n in sorted(os.listdir(
-                os.path.join(ROOT, study.RECORDS)))
-            if n.split("-", 1)[1].rsplit("-seed", 1)[0] in ("bn-full", "bn-m2", "brn-m2")
-            or n.split("-", 1)[1].startswith("bkn")]
+        sources = args.sources or [os.path.join(ROOT, study.RECORDS, n)
+                                   for n in sorted(os.listdir(os.path.join(ROOT, study.RECORDS)))]
         os.makedirs(args.records, exist_ok=True)
         for source in sources:
             record = measure(os.path.abspath(source), args)

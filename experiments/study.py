@@ -140,6 +140,13 @@ def record_name(job: Tuple[str, str, int]) -> str:
     return f"{family}-{row}-seed{seed}.json"
 
 
+def job_of(name: str) -> Tuple[str, str, int]:
+    """The ``(family, row, seed)`` of a record named by :func:`record_name`."""
+    family, rest = os.path.basename(name).split("-", 1)
+    row, seed = rest[:-len(".json")].rsplit("-seed", 1)
+    return family, row, int(seed)
+
+
 def command(job, args) -> List[str]:
     family, row, seed = job
     label, row_args = ROWS[row]
@@ -263,8 +270,7 @@ def load(records_dir: str) -> List[Dict[str, Any]]:
     for name in sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []:
         if name.endswith(".json"):
             record = read_record(os.path.join(records_dir, name))
-            family, rest = name.split("-", 1)
-            record["_family"], record["_row"] = family, rest.rsplit("-seed", 1)[0]
+            record["_family"], record["_row"], _ = job_of(name)
             out.append(record)
     return out
 

@@ -28,7 +28,8 @@ from .functional import group_affine, stat_dtype
 from .modules import _GroupedNorm
 
 __all__ = ["fit_groups", "capped_groups", "FilterResponseNorm2d", "EvoNormS0",
-           "MovingAverageBatchNorm2d", "standardize_conv_weights", "fold_conv_weights", "CONV_WEIGHT_MODES"]
+           "MovingAverageBatchNorm2d", "standardize_conv_weights", "fold_conv_weights",
+           "CONV_WEIGHT_MODES"]
 
 CONV_WEIGHT_MODES = ("standardize", "center")
 

@@ -51,6 +51,12 @@ def test_screening_grid_uses_its_own_rows_seeds_and_records():
     assert study.MICRO_BN in study.SCREEN_ROWS
 
 
+def test_record_names_round_trip():
+    for job in [("resnet", "bn-m2", 0), ("mobilenet_s1", "bkn-released", 11)]:
+        assert study.job_of(study.record_name(job)) == job
+        assert study.job_of(os.path.join("some", "dir", study.record_name(job))) == job
+
+
 def test_verdict_rule():
     assert study.verdict([10.0, 10.2], [12.0, 12.1]) == "win"
     assert study.verdict([12.0, 12.1], [10.0, 10.2]) == "lose"

@@ -88,7 +88,7 @@ def test_training_passes_and_state_are_unchanged():
 
 
 def test_layers_that_act_after_normalizing_keep_acting():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
 
     torch.manual_seed(0)
@@ -103,7 +103,6 @@ def test_layers_that_act_after_normalizing_keep_acting():
     assert (out >= 0).all()
     torch.testing.assert_close(out.double(), _reference(layer, x, 0.3).relu(), rtol=1e-5,
                                atol=1e-5)
-    del timm
 
 
 def test_converted_bkn_model_equals_its_deployed_batchnorm_model():
