@@ -56,6 +56,13 @@ def no_work(monkeypatch):
     (["--dataset", "folder"], "needs a data directory"),
     (["--device", "cpu", "--cuda-graphs"], "cuda_graphs needs a CUDA device"),
     (["--arch", "mobilenet_v2_w050", "--width", "8"], "takes width_mult"),
+    (["--prediction-option", "rows_per_group=4"], "norm 'batchnorm' builds none"),
+    (["--norm", "bkn", "--prediction-option", "rows_per_group=0"],
+     "rows_per_group must be a positive int"),
+    (["--norm", "bkn", "--prediction", "analytic", "--prediction-option", "rows_per_group=4"],
+     "prediction 'analytic' does not take the options ['rows_per_group']; it takes none"),
+    (["--norm", "bkn", "--prediction-option", "row_per_group=4"],
+     "it takes ['rows_per_group', 'min_prior_values']"),
 ])
 def test_invalid_values_are_refused_before_any_work(tmp_path, capsys, no_work, flags, named):
     run_dir = tmp_path / "run"

@@ -109,11 +109,16 @@ def test_screening_decision_needs_wins_on_every_family_and_in_the_confirmation()
     base = {(r, "bn-m2"): [40.0, 40.2], (m, "bn-m2"): [60.0, 60.2]}
     screened = cells({**base, (r, "bkn-default"): [35.0, 35.1], (m, "bkn-default"): [55.0, 55.2],
                       (r, "bkn-released"): [35.0, 35.1], (m, "bkn-released"): [60.0, 61.0],
-                      (r, "bkn-time"): [35.0, 35.1], (m, "bkn-time"): [55.0, 55.2]})
+                      (r, "bkn-time"): [35.0, 35.1], (m, "bkn-time"): [55.0, 55.2],
+                      (r, "bkn-rows4"): [40.0, 40.1],  # ties on the ResNet: MobileNet not run
+                      (r, "bkn-analytic"): [35.0, 35.1]})  # wins, MobileNet to come
     confirmed = cells({(r, "bn-m2"): [22.0, 22.2], (r, "bkn-default"): [20.0, 20.1],
                        (r, "bkn-time"): [22.0, 23.0]})
     outcome = {line.split(" | ")[0][2:]: line.split(" | ")[-1][:-2]
                for line in study.decision(screened, confirmed) if line.startswith("| BKN")}
     assert outcome == {study.ROWS["bkn-default"][0]: "adopted",
                        study.ROWS["bkn-released"][0]: "does not qualify",  # ties on MobileNet
-                       study.ROWS["bkn-time"][0]: "qualifies, not confirmed"}
+                       study.ROWS["bkn-time"][0]: "qualifies, not confirmed",
+                       study.ROWS["bkn-rows4"][0]: "does not qualify",
+                       study.ROWS["bkn-analytic"][0]: "pending (screening incomplete)",
+                       study.ROWS["bkn-detached"][0]: "pending (screening incomplete)"}

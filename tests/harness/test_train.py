@@ -266,6 +266,11 @@ def test_record_carries_every_resolved_option_and_the_label_derives_from_them(tm
             "micro_batch", "momentum", "eps"} <= set(layers[0]["options"])
     assert record["normalization"]["predictor"]["options"]["rows_per_group"] == 1
     assert record["label"] == "BKN, m=2, gain_rule=fixed"
+    # the predictor's options reach the predictor, its record and the label
+    record = train(tiny(tmp_path, "rows4", norm="bkn", micro_batch=2, epochs=1,
+                        prediction_options=dict(rows_per_group=4)))
+    assert record["normalization"]["predictor"]["options"]["rows_per_group"] == 4
+    assert record["label"] == "BKN, m=2, rows_per_group=4"
 
 
 def test_report_never_merges_different_configurations_and_flags_repeated_seeds(tmp_path):

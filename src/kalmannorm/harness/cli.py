@@ -92,6 +92,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prediction", choices=tuple(PREDICTIONS),
                    help="BKN layer-to-layer prediction: sampled shadow rows (the released code) or "
                    f"analytic moment propagation ({default('prediction')})")
+    g.add_argument("--prediction-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="option of the sampled prediction (JSON value), repeatable: "
+                   "rows_per_group=4 (shadow rows per statistics group), min_prior_values")
     g.add_argument("--norm-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="extra norm constructor option (JSON value), repeatable, e.g. num_groups=4")
     g.add_argument("--label", help="method name in reports (default from norm, gain, micro-batch)")
@@ -135,7 +138,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
 
 
-_OPTION_FLAGS = {"norm_option": "norm_options", "model_option": "model_options", "recipe_option": "recipe_options"}
+_OPTION_FLAGS = {"norm_option": "norm_options", "model_option": "model_options",
+                 "recipe_option": "recipe_options", "prediction_option": "prediction_options"}
 
 
 def config_from_args(args: argparse.Namespace) -> List[Any]:

@@ -18,6 +18,9 @@ from .recipes import RECIPES, check_field, dataclass_from_dict, is_finite_number
 __all__ = ["TrainConfig", "PREDICTIONS", "default_label"]
 
 PREDICTIONS = {"sampled": KalmanPredictor, "analytic": AnalyticKalmanPredictor}
+# What ``prediction_options`` may set (the harness's models take one input tensor, so
+# ``batch_input`` never needs setting).
+_PREDICTION_OPTIONS = {"sampled": ("rows_per_group", "min_prior_values"), "analytic": ()}
 
 
 _SHORT_NAMES = {"batchnorm": "BN", "ghost_batchnorm": "BN", "groupnorm": "GN", "layernorm": "LN",
@@ -48,7 +51,8 @@ class TrainConfig:
     ``ghost_batchnorm``, ``groupnorm``, ``batchrenorm``, ``bkn``, ...); ``micro_batch`` (rows per
     statistics group, ``None`` = the whole batch) and ``gain`` (BKN's ``p``) are passed to it when
     set, with ``norm_options``; ``prediction`` (``sampled`` or ``analytic``) picks how a model with
-    BKN layers predicts their statistics. ``label`` names the method in reports (default from
+    BKN layers predicts their statistics, and ``prediction_options`` configure the sampled one
+    (``rows_per_group``, ``min_prior_values`` of :class:`kalmannorm.KalmanPredictor`). ``label`` names the method in reports (default from
     those fields).
 
     Data: ``dataset`` is ``digits`` (offline default), ``cifar10``, ``cifar100`` or ``folder``
@@ -80,6 +84,7 @@ class TrainConfig:
     micro_batch: Optional[int] = None
     gain: Optional[float] = None
     prediction: str = "sampled"
+    prediction_options: Dict[str, Any] = field(default_factory=dict)
     norm_options: Dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
     data_dir: Optional[str] = None
@@ -157,12 +162,39 @@ class TrainConfig:
         # Shapes do not depend on the data's classes and channels: 10 and 3 stand in for them.
         try:
             with torch.device("meta"):
-                build_model(self.arch, 10, self.norm_layer(), 3, width=self.width, **self.model_options)
+                model = build_model(self.arch, 10, self.norm_layer(), 3, width=self.width,
+                                    **self.model_options)
         except TypeError as err:
             raise ValueError(
                 f"norm {self.norm!r} or architecture {self.arch!r} does not take these options "
                 f"({err}); for BatchNorm over micro-batches use norm='ghost_batchnorm'"
             ) from None
+        check_field(isinstance(self.prediction_options, dict), "prediction_options",
+                    self.prediction_options, "a dict")
+        if self.prediction_options:
+            self._check_prediction_options(model)
+
+    def _check_prediction_options(self, model: torch.nn.Module) -> None:
+        from kalmannorm.prediction import has_kalman_layers
+
+        if not has_kalman_layers(model):
+            raise ValueError(
+                f"prediction_options {self.prediction_options} configure the prediction of BKN "
+                f"layers, and norm {self.norm!r} builds none; drop them or use norm='bkn'")
+        allowed = _PREDICTION_OPTIONS[self.prediction]
+        unknown = sorted(set(self.prediction_options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"prediction {self.prediction!r} does not take the options {unknown}"
+                + (f"; it takes {list(allowed)}" if allowed else "; it takes none"))
+        if self.prediction == "sampled":
+            from kalmannorm.prediction import check_rows_options
+
+            try:
+                check_rows_options(self.prediction_options.get("rows_per_group"),
+                                   self.prediction_options.get("min_prior_values", 16))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"prediction_options: {err}") from None
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
@@ -191,6 +223,7 @@ class TrainConfig:
         parts = [f"{k}={v}" for k, v in changed_options(layer).items() if k not in shown]
         if self.prediction != "sampled" and hasattr(layer, "gain_rule"):
             parts.append(f"{self.prediction} prediction")
+        parts += [f"{k}={v}" for k, v in sorted(self.prediction_options.items())]
         if self.amp:
             parts.append("bf16")
         base = default_label(self.norm, self.micro_batch, self.gain, self.batch_size)

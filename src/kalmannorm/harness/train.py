@@ -121,7 +121,8 @@ def _build(config: TrainConfig, data: ImageData, device: torch.device):
     torch.manual_seed(config.seed)
     model = build_model(config.arch, data.num_classes, config.norm_layer(), data.in_channels,
                         width=config.width, **config.model_options).to(device)
-    net = PREDICTIONS[config.prediction](model) if has_kalman_layers(model) else model
+    net = (PREDICTIONS[config.prediction](model, **config.prediction_options)
+           if has_kalman_layers(model) else model)
     return model, net
 
 
