@@ -51,6 +51,8 @@ M2 = ["--micro-batch", "2"]
 RELEASED = ["--gain", "0.9", "--norm-option", 'gain_rule="fixed"', "--norm-option",
             'propagate="raw"']
 TIME_PRIOR = ["--norm-option", "time_prior=true"]
+# MABN's smoothing of the backward pass, over the window of the study's MABN row (its default)
+SMOOTH_BACKWARD = ["--norm-option", "backward_window=16"]
 # row -> (label, train arguments); labels name the configuration, the records hold all of it
 ROWS: Dict[str, Tuple[str, List[str]]] = {
     "bn-full": ("BN, full batch", ["--norm", "batchnorm"]),
@@ -70,6 +72,10 @@ ROWS: Dict[str, Tuple[str, List[str]]] = {
                   ["--norm", "bkn", *M2, "--prediction-option", "rows_per_group=4"]),
     "bkn-detached": ("BKN, defaults, detached prior, m=2",
                      ["--norm", "bkn", *M2, "--norm-option", "detach_prior=true"]),
+    "bkn-smooth": ("BKN, defaults + smoothed backward (16 steps), m=2",
+                   ["--norm", "bkn", *M2, *SMOOTH_BACKWARD]),
+    "bkn-time-smooth": ("BKN, defaults + prior over time + smoothed backward (16 steps), m=2",
+                        ["--norm", "bkn", *M2, *TIME_PRIOR, *SMOOTH_BACKWARD]),
     "frn": ("FRN + TLU", ["--norm", "frn"]),
     "evonorm-s0": ("EvoNorm-S0, 32 groups (fewer where C < 32)",
                    ["--norm", "evonorm_s0", "--norm-option", "cap_groups=true"]),
@@ -84,8 +90,10 @@ STUDY_ROWS = ["bn-full", "bn-m2", "gn4", "gn32", "brn-m2", "bkn-released", "bkn-
 # Screening of BKN's configurations (issue 14): shorter runs, other seeds, both families.
 # The prediction's noise (issue 14, item 3): one shadow row per group (the defaults) against
 # four, the analytic prediction (none) and a prior the gradient does not flow through.
+# Whether the backward pass should use smoothed statistics too (item 2): with and without the
+# prior over time.
 SCREEN_ROWS = ["bn-m2", "bkn-default", "bkn-released", "bkn-time", "bkn-rows4", "bkn-analytic",
-               "bkn-detached"]
+               "bkn-detached", "bkn-smooth", "bkn-time-smooth"]
 REFERENCE, MICRO_BN, GROUPNORM = "bn-full", "bn-m2", "gn4"
 # The rows the verdicts rest on, run on the second family too.
 VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-default", "mabn-m2"]
@@ -434,6 +442,29 @@ def decision(screened, confirmed) -> List[str]:
     return lines + [""]
 
 
+# Each screened option against the configuration it changes: (row, the row without it).
+OPTION_PAIRS = [("bkn-time", "bkn-default"), ("bkn-rows4", "bkn-default"),
+                ("bkn-analytic", "bkn-default"), ("bkn-detached", "bkn-default"),
+                ("bkn-smooth", "bkn-default"), ("bkn-time-smooth", "bkn-time")]
+
+
+def option_effects(screened) -> List[str]:
+    """Each option's effect by the same rule: the row against the row without the option."""
+    lines = ["## Each option against the configuration it changes", "",
+             "The same rule, between two BKN rows of the screening: does the option help the "
+             "configuration it is added to?", "",
+             "| Row | Against | " + " | ".join(PLANNED_FAMILIES) + " |",
+             "|---|---|" + "---|" * len(PLANNED_FAMILIES)]
+    for row, base in OPTION_PAIRS:
+        cells = []
+        for family in PLANNED_FAMILIES:
+            a, b = screened.get((family, row)), screened.get((family, base))
+            cells.append(f"{verdict(a['errors'], b['errors'])} ({_fmt(a['errors'])} vs "
+                         f"{_fmt(b['errors'])})" if a and b else "not run")
+        lines.append(f"| {ROWS[row][0]} | {ROWS[base][0]} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
 def write_page(records_dir: str, page: str, screen: bool = False) -> str:
     """The study's page (or with ``screen`` the screening's) from every record in
     ``records_dir``."""
@@ -515,7 +546,9 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
             "([method, section 8](../method.md)); then the prediction's noise: the defaults "
             "sample one shadow row per group, against four rows per group, the analytic "
             "prediction (no sampling) and a detached prior (no gradient through the "
-            "prediction). Each record stores every resolved option of every norm layer and "
+            "prediction); then MABN's smoothed backward pass (the gradients reaching the "
+            "observed statistics averaged over 16 steps, the window of the study's MABN row), "
+            "with and without the prior over time. Each record stores every resolved option of every norm layer and "
             "of the predictor.",
             "- **Order:** a row that does not win on the ResNet cannot qualify, so it is not "
             "run on MobileNet (marked *not run* in the decision).",
@@ -562,6 +595,7 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
             lines += [f"![{family} curves]({stem}/{family}.png)", ""]
     if screen:
         lines += decision(cells, summary(load(os.path.join(ROOT, RECORDS))))
+        lines += option_effects(cells)
     os.makedirs(out_dir, exist_ok=True)
     with open(page, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")

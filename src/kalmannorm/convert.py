@@ -240,6 +240,7 @@ def convert_batchnorm(
     gain_warmup: int = 0,
     decisions: str = "group",
     time_prior: bool = False,
+    backward_window: int = 1,
     rows_per_group: Union[int, str, None] = None,
     min_prior_values: int = 16,
     generator: Optional[torch.Generator] = None,
@@ -268,7 +269,8 @@ def convert_batchnorm(
     Args:
         module: a model holding at least one BatchNorm layer.
         gain, micro_batch, guard_threshold, detach_prior, propagate, running_stats, guard,
-            gain_rule, gain_warmup, decisions, time_prior: options of every new layer, see
+            gain_rule, gain_warmup, decisions, time_prior, backward_window: options of every
+            new layer, see
             :class:`BatchKalmanNorm2d`.
         rows_per_group, min_prior_values, generator, batch_input: options of the
             :class:`KalmanPredictor` (``rows_per_group="auto"`` picks the shadow rows from the
@@ -317,7 +319,7 @@ def convert_batchnorm(
         gain=gain, micro_batch=micro_batch, guard_threshold=guard_threshold,
         detach_prior=detach_prior, propagate=propagate, running_stats=running_stats,
         guard=guard, gain_rule=gain_rule, gain_warmup=gain_warmup, decisions=decisions,
-        time_prior=time_prior,
+        time_prior=time_prior, backward_window=backward_window,
     )
 
     def make(layer: nn.Module) -> Optional[nn.Module]:
@@ -385,7 +387,8 @@ def to_batchnorm(module: nn.Module) -> nn.Module:
 
 
 _LAYER_OPTIONS = ("gain", "micro_batch", "guard_threshold", "detach_prior", "propagate",
-                  "running_stats", "guard", "gain_rule", "gain_warmup", "decisions", "time_prior")
+                  "running_stats", "guard", "gain_rule", "gain_warmup", "decisions", "time_prior",
+                  "backward_window")
 _PREDICTOR_OPTIONS = ("rows_per_group", "min_prior_values", "generator", "batch_input")
 
 

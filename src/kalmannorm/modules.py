@@ -125,6 +125,7 @@ class _BatchKalmanNorm(_GroupedNorm):
         gain_warmup: int = 0,
         decisions: str = "group",
         time_prior: bool = False,
+        backward_window: int = 1,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          micro_batch, running_stats)
@@ -149,6 +150,10 @@ class _BatchKalmanNorm(_GroupedNorm):
                 "time_prior=True weighs the running statistics by their measured error, per "
                 "group: it needs gain_rule='kalman' and decisions='group' (got gain_rule="
                 f"{gain_rule!r}, decisions={decisions!r}); set those, or time_prior=False")
+        if isinstance(backward_window, bool) or not isinstance(backward_window, int) \
+                or backward_window < 1:
+            raise ValueError(f"backward_window must be an int >= 1 (got {backward_window!r}); 1 "
+                             "is the true gradient")
         if isinstance(gain_warmup, bool) or not isinstance(gain_warmup, int) or gain_warmup < 0:
             raise ValueError(f"gain_warmup must be a non-negative int (got {gain_warmup!r})")
         if gain_warmup and not track_running_stats:
@@ -163,6 +168,11 @@ class _BatchKalmanNorm(_GroupedNorm):
         self.propagate = propagate
         self.decisions = decisions
         self.time_prior = time_prior
+        self.backward_window = backward_window
+        # The smoothed backward's past gradients and how many steps they hold. Not part of the
+        # state dict (BatchNorm checkpoints load unchanged): after a load the window refills.
+        self.register_buffer("grad_history", None, persistent=False)
+        self.register_buffer("grad_history_filled", None, persistent=False)
         # [fallbacks, priors offered]: how often the guard rejected an available prior. Not part
         # of the state dict, so BatchNorm checkpoints load unchanged.
         self.register_buffer(
@@ -178,7 +188,8 @@ class _BatchKalmanNorm(_GroupedNorm):
             f"guard_threshold={self.guard_threshold}, detach_prior={self.detach_prior}, "
             f"propagate={self.propagate!r}, running_stats={self.running_stats!r}, "
             f"guard={self.guard!r}, gain_rule={self.gain_rule!r}, gain_warmup={self.gain_warmup}, "
-            f"decisions={self.decisions!r}, time_prior={self.time_prior}"
+            f"decisions={self.decisions!r}, time_prior={self.time_prior}, "
+            f"backward_window={self.backward_window}"
         )
 
     def _effective_gain(self):
@@ -188,6 +199,19 @@ class _BatchKalmanNorm(_GroupedNorm):
             return self.gain
         ramp = self.num_batches_tracked.to(torch.float32) / self.gain_warmup
         return ramp.clamp(max=1.0) * self.gain
+
+    def _grad_window(self, like: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(history, filled)`` of the smoothed backward, (re)made empty when the window or
+        the device changed; ``None`` for the true gradient."""
+        if self.backward_window == 1:
+            return None
+        shape = (2, self.backward_window - 1, self.num_features)
+        history = self.grad_history
+        if history is None or tuple(history.shape) != shape or history.device != like.device:
+            self.grad_history = torch.zeros(shape, dtype=KF.stat_dtype(like.dtype),
+                                            device=like.device)
+            self.grad_history_filled = torch.zeros((), dtype=torch.long, device=like.device)
+        return self.grad_history, self.grad_history_filled
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling it.
@@ -237,13 +261,16 @@ class _BatchKalmanNorm(_GroupedNorm):
             shadow_prior=shadow_prior, normalized=self.propagate == "normalized",
             detach_prior=self.detach_prior, guard=self.guard, gain_rule=self.gain_rule,
             decisions=self.decisions, time_prior=self.time_prior,
+            backward_window=self.backward_window if torch.is_grad_enabled() else 1,
         )
         running = None
         if self.time_prior and self.track_running_stats and self.running_mean is not None:
             # read before this step's update; none yet until a step was tracked (a tensor flag)
             running = (self.running_mean, self.running_var, self.num_batches_tracked > 0)
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
-                                  generator, running=running)
+                                  generator, running=running,
+                                  grad_history=self._grad_window(x) if
+                                  options.backward_window > 1 else None)
         if self.training:
             track = self.track_running_stats
             KF.update_buffers(
@@ -325,6 +352,13 @@ _DOC_OPTIONS = """
             before the first tracked step and with ``track_running_stats=False``. Needs
             ``gain_rule="kalman"`` and ``decisions="group"``; runs the composite form on CUDA.
             Default: ``False``.
+        backward_window: this library's extension, not the paper's: above 1, the backward pass
+            averages the gradient reaching each group's observed statistics (its mean and
+            variance) with group 0's from the last ``backward_window - 1`` steps, as MABN
+            smooths BatchNorm's backward (see
+            :func:`kalmannorm.functional.smooth_statistics_gradient`); the true gradient until
+            the window has filled, again after a load. Runs the composite form. 1 is the true
+            gradient. Default: 1.
 
     The running variance is unbiased (``count / (count - 1)`` with ``count`` the values per
     group); normalization uses the biased variance. Statistics are float32 for any input dtype.

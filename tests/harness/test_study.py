@@ -121,4 +121,18 @@ def test_screening_decision_needs_wins_on_every_family_and_in_the_confirmation()
                        study.ROWS["bkn-time"][0]: "qualifies, not confirmed",
                        study.ROWS["bkn-rows4"][0]: "does not qualify",
                        study.ROWS["bkn-analytic"][0]: "pending (screening incomplete)",
-                       study.ROWS["bkn-detached"][0]: "pending (screening incomplete)"}
+                       **{study.ROWS[row][0]: "pending (screening incomplete)"
+                          for row in ("bkn-detached", "bkn-smooth", "bkn-time-smooth")}}
+
+
+def test_each_option_is_judged_against_the_row_without_it():
+    r, m = study.PLANNED_FAMILIES
+    screened = {(r, "bkn-default"): {"errors": [40.0, 40.2]},
+                (r, "bkn-smooth"): {"errors": [38.0, 38.1]},
+                (r, "bkn-time"): {"errors": [40.0, 41.0]}}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2:]
+            for line in study.option_effects(screened) if line.startswith("| BKN")}
+    assert rows[study.ROWS["bkn-smooth"][0]][0].startswith("win (38.05")
+    assert rows[study.ROWS["bkn-time"][0]][0].startswith("tie")
+    assert rows[study.ROWS["bkn-smooth"][0]][1] == "not run |"
+    assert rows[study.ROWS["bkn-detached"][0]] == ["not run", "not run |"]

@@ -92,7 +92,7 @@ def test_the_list_of_micro_batch_norms_is_not_empty():
 @pytest.mark.parametrize("prediction", ["sampled", "analytic"])
 @pytest.mark.parametrize("options", [{}, {"gain_rule": "fixed"}, {"guard": "two_sided"},
                                      {"propagate": "raw", "gain_rule": "fixed"},
-                                     {"time_prior": True}])
+                                     {"time_prior": True}, {"backward_window": 2}])
 def test_bkn_resnet_keeps_group0_to_itself(prediction, options):
     torch.manual_seed(0)
     model = build_model("preact_resnet20", 10, nn.BatchNorm2d, width=8)

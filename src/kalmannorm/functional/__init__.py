@@ -35,6 +35,7 @@ from .composite import (
     released_update,
     safe_std,
     sample_rows,
+    smooth_statistics_gradient,
     stat_dtype,
     update_running_stats,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "batch_kalman_norm",
     "prior_from_rows",
     "sample_rows",
+    "smooth_statistics_gradient",
     "safe_std",
     "stat_dtype",
     "update_running_stats",

@@ -42,6 +42,7 @@ __all__ = [
     "stat_dtype",
     "update_running_stats",
     "training_step",
+    "smooth_statistics_gradient",
 ]
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -79,6 +80,9 @@ class StepOptions(NamedTuple):
         time_prior: fuse the layer's running statistics as a third source (the ``running``
             argument of :func:`training_step`; see :func:`kalman_update`). Needs
             ``gain_rule="kalman"`` and ``decisions="group"``.
+        backward_window: ``k``; above 1 the backward pass averages the gradients reaching the
+            observed statistics over the last ``k`` steps (:func:`smooth_statistics_gradient`,
+            the ``grad_history`` argument of :func:`training_step`). 1: the true gradient.
     """
 
     real_rows: int
@@ -94,6 +98,7 @@ class StepOptions(NamedTuple):
     gain_rule: str = "fixed"
     decisions: str = "layer"
     time_prior: bool = False
+    backward_window: int = 1
 
 
 def released_update(options: StepOptions) -> bool:
@@ -101,7 +106,7 @@ def released_update(options: StepOptions) -> bool:
     decided for the whole layer, the fixed gain rule), the one every backend implements."""
     return options.guard == "upper" and options.gain_rule == "fixed" \
         and options.decisions == "layer" and not isinstance(options.gain, Tensor) \
-        and not options.time_prior
+        and not options.time_prior and options.backward_window == 1
 
 
 class StepResult(NamedTuple):
@@ -172,6 +177,60 @@ def group_moments(x: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     mean = rows.sum(dim=(1, 3)) / count  # [S, C]
     var = (rows - mean[:, None, :, None]).square().sum(dim=(1, 3)) / count
     return mean, var
+
+
+class _SmoothedStatisticsGradient(torch.autograd.Function):
+    """Identity on ``(mean, var)`` forward; backward averages their gradients with the
+    window's past gradients of group 0 (:func:`smooth_statistics_gradient`)."""
+
+    @staticmethod
+    def forward(ctx, mean, var, history, filled):
+        ctx.history, ctx.filled = history, filled
+        ctx.save_for_backward(filled >= history.shape[1])  # read now: the window of this step
+        return mean.clone(), var.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean, grad_var):
+        (use_average,) = ctx.saved_tensors
+        history = ctx.history  # [2, k - 1, C]: past gradients of group 0's mean and variance
+        grads = torch.stack([grad_mean, grad_var])  # [2, S, C]; unused outputs give zeros
+        window = history.shape[1] + 1
+        average = (history.sum(dim=1, keepdim=True).to(grads.dtype) + grads) / window
+        used = torch.where(use_average, average, grads)
+        with torch.no_grad():  # the newest past from group 0 only (DDP: rank 0's buffers)
+            history.copy_(torch.cat([history[:, 1:], grads[:, :1].to(history.dtype)], dim=1))
+            ctx.filled.add_(1).clamp_(max=history.shape[1])
+        return used[0], used[1], None, None
+
+
+def smooth_statistics_gradient(mean: Tensor, var: Tensor, history: Tensor,
+                               filled: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""``(mean, var)`` unchanged, with a backward that smooths their gradient over steps.
+
+    The noise of a micro-batch's statistics reaches the backward pass through the gradient
+    flowing into them (MABN, Yan et al. 2020, smooths the same terms of BatchNorm's backward).
+    With ``k - 1 = history.shape[1]`` past steps, the gradient used for group ``s`` at step
+    ``t`` is::
+
+        G_used[s] = (G_0[t-k+1] + ... + G_0[t-1] + G_s[t]) / k
+
+    for ``G`` the gradient of the loss with respect to the group's mean and (separately) its
+    variance, once the window holds ``k - 1`` past steps, and ``G_s[t]`` until then. The past is
+    group 0's alone, as a device gets rank 0's buffers under DDP, so no group reads another
+    group's current rows. ``history`` (``[2, k - 1, C]``, mean then variance) is shifted in
+    place during the backward pass, the newest gradient of group 0 last, and ``filled`` counts
+    the past steps it holds (at most ``k - 1``).
+
+    Args:
+        mean, var: the observed statistics ``[S, C]`` of a step.
+        history: the window's past gradients, updated in place by the backward pass.
+        filled: 0-dim integer tensor, updated in place by the backward pass.
+
+    Returns:
+        ``(mean, var)``: equal values; gradients as above.
+    """
+    return _SmoothedStatisticsGradient.apply(mean, var, history, filled)
 
 
 def row_spread(x: Tensor, groups: int, var_obs: Tensor) -> Optional[Tensor]:
@@ -667,13 +726,16 @@ def training_step(
     prior_valid: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     running: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    grad_history: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> StepResult:
     """One BKN training step in composite form (see :class:`StepOptions`).
 
     The real rows are normalized with the observed statistics combined with the prior (supplied,
     or the moments of the incoming shadow rows) and, with ``options.time_prior``, the layer's
     running statistics ``running = (running_mean, running_var, valid)``; the output's shadow
-    rows are fresh samples of the combined statistics (method.md section 4).
+    rows are fresh samples of the combined statistics (method.md section 4). With
+    ``options.backward_window > 1``, ``grad_history = (history, filled)`` smooths the
+    gradient reaching the observed statistics (:func:`smooth_statistics_gradient`).
     """
     o = options
     real = x[: o.real_rows]
@@ -681,6 +743,10 @@ def training_step(
         mean_prior, var_prior, prior_valid = prior_from_rows(x[o.real_rows:], o.groups)
         prior = (mean_prior, var_prior)
     mean_obs, var_obs = group_moments(real, o.groups)
+    if o.backward_window > 1:
+        if grad_history is None:
+            raise ValueError("backward_window > 1 needs grad_history (the past gradients)")
+        mean_obs, var_obs = smooth_statistics_gradient(mean_obs, var_obs, *grad_history)
     available = torch.zeros((), dtype=torch.bool, device=x.device)
     if prior is not None:
         if o.detach_prior:

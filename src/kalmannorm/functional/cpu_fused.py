@@ -47,8 +47,9 @@ def first_order_only(backend: str) -> None:
 
 
 def supports_options(options: StepOptions) -> bool:
-    """Every option of the composite form but a tensor gain (``gain_warmup``)."""
-    return not isinstance(options.gain, Tensor)
+    """Every option of the composite form but a tensor gain (``gain_warmup``) and a smoothed
+    backward (``backward_window``)."""
+    return not isinstance(options.gain, Tensor) and options.backward_window == 1
 
 
 def supports(x: Tensor) -> bool:

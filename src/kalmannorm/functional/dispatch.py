@@ -125,6 +125,7 @@ def training_step(
     generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
     running: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    grad_history: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> StepResult:
     """One BKN training step by the backend :func:`resolve_backend` picks.
 
@@ -141,6 +142,9 @@ def training_step(
         running: ``(running_mean, running_var, valid)``, the layer's running statistics
             ``[C]`` and a 0-dim bool flag (false: none yet), fused with
             ``options.time_prior`` (see :func:`~.composite.kalman_update`).
+        grad_history: ``(history, filled)`` of
+            :func:`~.composite.smooth_statistics_gradient`, with ``options.backward_window > 1``
+            (the composite backend only).
 
     Returns:
         a :class:`~.composite.StepResult`.
@@ -159,10 +163,15 @@ def training_step(
             raise ValueError(
                 f"the {name!r} backend does not implement these options (guard="
                 f"{options.guard!r}, gain_rule={options.gain_rule!r}, decisions="
-                f"{options.decisions!r}, time_prior={options.time_prior}, gain "
-                f"{type(options.gain).__name__}); use the 'composite' or 'auto' backend"
+                f"{options.decisions!r}, time_prior={options.time_prior}, backward_window="
+                f"{options.backward_window}, gain {type(options.gain).__name__}); use the "
+                "'composite' or 'auto' backend"
             )
         name = "composite"
+    if options.backward_window > 1:  # composite only (supports_options)
+        return composite.training_step(x, weight, bias, options, prior, prior_valid, generator,
+                                       running=running if options.time_prior else None,
+                                       grad_history=grad_history)
     if options.time_prior and running is not None:
         return _STEP[name](x, weight, bias, options, prior, prior_valid, generator,
                            running=running)

@@ -71,10 +71,10 @@ def supports(x: Tensor) -> bool:
 def supports_options(options: StepOptions) -> bool:
     """Every guard (``"upper"``, ``"two_sided"``), gain rule (``"fixed"``, ``"kalman"``) and
     decision scope (``"group"``, ``"layer"``) with a float gain (not a warm-up's tensor); not the
-    time prior."""
+    time prior nor a smoothed backward."""
     return options.guard in GUARD_MODES and options.gain_rule in GAIN_RULES \
         and options.decisions in DECISION_SCOPES and not isinstance(options.gain, Tensor) \
-        and not options.time_prior
+        and not options.time_prior and options.backward_window == 1
 
 
 @contextlib.contextmanager
