@@ -169,10 +169,12 @@ class _BatchKalmanNorm(_GroupedNorm):
         self.decisions = decisions
         self.time_prior = time_prior
         self.backward_window = backward_window
-        # The smoothed backward's past gradients and how many steps they hold. Not part of the
-        # state dict (BatchNorm checkpoints load unchanged): after a load the window refills.
+        # The smoothed backward's past gradients and how many steps they hold: buffers, so that
+        # DDP gives every rank rank 0's; not in the state dict (BatchNorm checkpoints load
+        # unchanged), so after a load the window refills.
         self.register_buffer("grad_history", None, persistent=False)
         self.register_buffer("grad_history_filled", None, persistent=False)
+        self._grad_window(KF.stat_dtype(dtype or torch.get_default_dtype()), device)
         # [fallbacks, priors offered]: how often the guard rejected an available prior. Not part
         # of the state dict, so BatchNorm checkpoints load unchanged.
         self.register_buffer(
@@ -200,17 +202,16 @@ class _BatchKalmanNorm(_GroupedNorm):
         ramp = self.num_batches_tracked.to(torch.float32) / self.gain_warmup
         return ramp.clamp(max=1.0) * self.gain
 
-    def _grad_window(self, like: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-        """``(history, filled)`` of the smoothed backward, (re)made empty when the window or
-        the device changed; ``None`` for the true gradient."""
+    def _grad_window(self, dtype: torch.dtype, device) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(history, filled)`` of the smoothed backward, made empty where the window changed
+        (``configure``); ``None`` for the true gradient."""
         if self.backward_window == 1:
+            self.grad_history = self.grad_history_filled = None
             return None
         shape = (2, self.backward_window - 1, self.num_features)
-        history = self.grad_history
-        if history is None or tuple(history.shape) != shape or history.device != like.device:
-            self.grad_history = torch.zeros(shape, dtype=KF.stat_dtype(like.dtype),
-                                            device=like.device)
-            self.grad_history_filled = torch.zeros((), dtype=torch.long, device=like.device)
+        if self.grad_history is None or tuple(self.grad_history.shape) != shape:
+            self.grad_history = torch.zeros(shape, dtype=dtype, device=device)
+            self.grad_history_filled = torch.zeros((), dtype=torch.long, device=device)
         return self.grad_history, self.grad_history_filled
 
     def __prepare_scriptable__(self):
@@ -269,8 +270,9 @@ class _BatchKalmanNorm(_GroupedNorm):
             running = (self.running_mean, self.running_var, self.num_batches_tracked > 0)
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
                                   generator, running=running,
-                                  grad_history=self._grad_window(x) if
-                                  options.backward_window > 1 else None)
+                                  grad_history=self._grad_window(KF.stat_dtype(x.dtype),
+                                                                 x.device)
+                                  if options.backward_window > 1 else None)
         if self.training:
             track = self.track_running_stats
             KF.update_buffers(

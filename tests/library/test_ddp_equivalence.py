@@ -19,7 +19,10 @@ averaging gives. At every step:
 Cases: ghost BatchNorm, Batch Renorm with the correction active from the first step
 (``warmup_steps=0, ramp_steps=0``, default ``r_max``/``d_max``, so the running buffers take part
 in the forward pass), and BKN with the analytic prediction for the ``"kalman"`` and ``"fixed"``
-gain rules. BKN's default sampled prediction is left out: it draws its shadow rows' noise in
+gain rules and with the smoothed backward pass (``backward_window=2``: from the second step a
+rank averages its gradients with rank 0's of the step before, which DDP's buffer broadcast gives
+it; the past gradients are those of the rank's own loss, so rank 0's are ``R`` times the one
+process's). BKN's default sampled prediction is left out: it draws its shadow rows' noise in
 each process, so R processes and one process draw different noise and cannot match.
 
 Agreement is to float32 rounding, not bitwise (a rank's convolutions and its gradient reduction
@@ -29,7 +32,7 @@ the magnitude (parameter gradients). The step counts must be equal. The comparis
 BKN with ``decisions="layer"`` or Batch Renorm with ``running_stats="all"`` (one process reads
 every group, a rank only its own) miss by up to 74 % and 65 % of the magnitude.
 
-All four cases run in one ``mp.spawn``; a ``torchrun`` launch runs the BKN "kalman" case again.
+All the cases run in one ``mp.spawn``; a ``torchrun`` launch runs the BKN "kalman" case again.
 """
 import os
 import subprocess
@@ -53,6 +56,7 @@ CASES = {
     "batchrenorm": {"norm": "batchrenorm", "warmup_steps": 0, "ramp_steps": 0},
     "bkn_kalman": {"prediction": "analytic"},
     "bkn_fixed": {"prediction": "analytic", "gain_rule": "fixed"},
+    "bkn_smoothed_backward": {"prediction": "analytic", "backward_window": 2},
 }
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -141,6 +145,8 @@ def assert_equivalent(case, ranks):
         got = ranks[0][case][step]["buffers"]
         assert got.keys() == expected["buffers"].keys()
         for name, buf in expected["buffers"].items():
+            if name.endswith("grad_history"):  # past input-side gradients: R times, as above
+                buf = R * buf
             assert_close(got[name], buf, f"{case}, step {step}, rank 0: buffer {name}")
 
 
