@@ -52,8 +52,8 @@ class TrainConfig:
     statistics group, ``None`` = the whole batch) and ``gain`` (BKN's ``p``) are passed to it when
     set, with ``norm_options``; ``prediction`` (``sampled`` or ``analytic``) picks how a model with
     BKN layers predicts their statistics, and ``prediction_options`` configure the sampled one
-    (``rows_per_group``, ``min_prior_values`` of :class:`kalmannorm.KalmanPredictor`). ``label`` names the method in reports (default from
-    those fields).
+    (``rows_per_group``, ``min_prior_values`` of :class:`kalmannorm.KalmanPredictor`).
+    ``label`` names the method in reports (default from those fields).
 
     Data: ``dataset`` is ``digits`` (offline default), ``cifar10``, ``cifar100`` or ``folder``
     (``data_dir`` with one sub-folder per class); ``limit_train`` / ``limit_test`` keep a fixed
