@@ -43,22 +43,26 @@ def test_the_input_gradient_is_the_closed_form_with_averaged_statistics_gradient
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
-    past = []  # group 0's [grad_mean, grad_var] of earlier steps
+    past = []  # group 0's gradients of earlier steps, in the normalized output's units
     for step in range(window + 2):
-        x = torch.randn(2 * groups, channels, 3, 3, dtype=torch.float64, requires_grad=True)
+        # groups and steps on very different scales: raw gradients would not average
+        scale = torch.tensor([0.01, 1.0, 30.0], dtype=torch.float64)[torch.randperm(3)]
+        x = torch.randn(2 * groups, channels, 3, 3, dtype=torch.float64)
+        x = (x * scale.repeat_interleave(2)[:, None, None, None]).requires_grad_(True)
         c = torch.randn_like(x)
         (layer(x) * c).sum().backward()
         direct, g_mean, g_var, centred, count = reference_step(
             x.detach(), layer.weight.detach(), layer.bias.detach(), c, groups)
+        var = centred.square().mean(dim=(1, 3, 4))
+        u_mean, u_var = g_mean * (var + EPS).sqrt(), g_var * (var + EPS)
         if step >= window - 1:  # the window is full: its past from group 0, the present own
-            used_mean = (sum(p[0] for p in past[-(window - 1):]) + g_mean) / window
-            used_var = (sum(p[1] for p in past[-(window - 1):]) + g_var) / window
-        else:
-            used_mean, used_var = g_mean, g_var
+            u_mean = (sum(p[0] for p in past[-(window - 1):]) + u_mean) / window
+            u_var = (sum(p[1] for p in past[-(window - 1):]) + u_var) / window
+        used_mean, used_var = u_mean / (var + EPS).sqrt(), u_var / (var + EPS)
         expected = direct + used_mean[:, None, :, None, None] / count \
             + used_var[:, None, :, None, None] * 2 * centred / count
         torch.testing.assert_close(x.grad, expected.reshape(x.shape), rtol=1e-10, atol=1e-12)
-        past.append((g_mean[0], g_var[0]))
+        past.append((g_mean[0] * (var[0] + EPS).sqrt(), g_var[0] * (var[0] + EPS)))
     assert int(layer.grad_history_filled) == window - 1
 
 
