@@ -548,8 +548,8 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
             "prediction (no sampling) and a detached prior (no gradient through the "
             "prediction); then MABN's smoothed backward pass (the gradients reaching the "
             "observed statistics averaged over 16 steps, the window of the study's MABN row), "
-            "with and without the prior over time. Each record stores every resolved option of every norm layer and "
-            "of the predictor.",
+            "with and without the prior over time. Each record stores every resolved option "
+            "of every norm layer and of the predictor.",
             "- **Order:** a row that does not win on the ResNet cannot qualify, so it is not "
             "run on MobileNet (marked *not run* in the decision).",
         ]
