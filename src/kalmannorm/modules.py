@@ -268,11 +268,11 @@ class _BatchKalmanNorm(_GroupedNorm):
         if self.time_prior and self.track_running_stats and self.running_mean is not None:
             # read before this step's update; none yet until a step was tracked (a tensor flag)
             running = (self.running_mean, self.running_var, self.num_batches_tracked > 0)
+        grad_history = None  # no backward to smooth without autograd
+        if options.backward_window > 1:
+            grad_history = self._grad_window(KF.stat_dtype(x.dtype), x.device)
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
-                                  generator, running=running,
-                                  grad_history=self._grad_window(KF.stat_dtype(x.dtype),
-                                                                 x.device)
-                                  if options.backward_window > 1 else None)
+                                  generator, running=running, grad_history=grad_history)
         if self.training:
             track = self.track_running_stats
             KF.update_buffers(

@@ -168,14 +168,12 @@ def training_step(
                 "'composite' or 'auto' backend"
             )
         name = "composite"
-    if options.backward_window > 1:  # composite only (supports_options)
-        return composite.training_step(x, weight, bias, options, prior, prior_valid, generator,
-                                       running=running if options.time_prior else None,
-                                       grad_history=grad_history)
+    extra = {}  # the inputs only some options use, passed only to the backends that take them
     if options.time_prior and running is not None:
-        return _STEP[name](x, weight, bias, options, prior, prior_valid, generator,
-                           running=running)
-    return _STEP[name](x, weight, bias, options, prior, prior_valid, generator)
+        extra["running"] = running
+    if options.backward_window > 1:  # the composite backend (supports_options)
+        extra["grad_history"] = grad_history
+    return _STEP[name](x, weight, bias, options, prior, prior_valid, generator, **extra)
 
 
 def update_buffers(

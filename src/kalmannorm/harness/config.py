@@ -188,11 +188,16 @@ class TrainConfig:
                 f"prediction {self.prediction!r} does not take the options {unknown}"
                 + (f"; it takes {list(allowed)}" if allowed else "; it takes none"))
         if self.prediction == "sampled":
+            import inspect
+
             from kalmannorm.prediction import check_rows_options
 
+            defaults = inspect.signature(KalmanPredictor).parameters
             try:
-                check_rows_options(self.prediction_options.get("rows_per_group"),
-                                   self.prediction_options.get("min_prior_values", 16))
+                check_rows_options(
+                    self.prediction_options.get("rows_per_group"),
+                    self.prediction_options.get("min_prior_values",
+                                                defaults["min_prior_values"].default))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"prediction_options: {err}") from None
 
