@@ -48,16 +48,20 @@ def _transplant(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _device_of(module: nn.Module) -> dict:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
-    return {} if tensor is None else {"device": tensor.device}
+def _placement_of(module: nn.Module) -> dict:
+    """The device and floating dtype of ``module``'s tensors, for a layer built to replace it
+    (so a BKN layer's own buffers, e.g. ``backward_window``'s history, match a float64 model)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    floating = [t for t in tensors if t.is_floating_point()]
+    placement = {"device": tensors[0].device} if tensors else {}
+    if floating:
+        placement["dtype"] = floating[0].dtype
+    return placement
 
 
 def _build(cls: type, layer: _BatchNorm, options: dict) -> _BatchKalmanNorm:
     new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
-              layer.track_running_stats, **_device_of(layer), **options)
+              layer.track_running_stats, **_placement_of(layer), **options)
     return _transplant(layer, new)
 
 
@@ -353,7 +357,7 @@ def _deploy(layer: _BatchKalmanNorm) -> nn.Module:
     skeleton = getattr(layer, "_deploy_skeleton", None)
     if skeleton is None:
         new = layer._bn_class(layer.num_features, layer.eps, layer.momentum, layer.affine,
-                              layer.track_running_stats, **_device_of(layer))
+                              layer.track_running_stats, **_placement_of(layer))
         return _transplant(layer, new)
     new = copy.copy(skeleton)
     object.__setattr__(new, "_parameters", OrderedDict(layer._parameters))

@@ -136,3 +136,30 @@ def test_a_named_fused_backend_refuses_the_smoothed_backward_and_auto_takes_the_
     assert not cpu_fused.supports_options(options)
     assert not triton_ops.supports_options(options)
     assert cpu_fused.supports_options(options._replace(backward_window=1))
+
+
+def test_a_torchvision_resnet_with_a_full_window_of_one_repeated_step_is_torch_batchnorm():
+    """Torch's BatchNorm as the oracle: one group, no prediction (gain 0), the same batch and
+    loss at every step, so the window averages equal gradients and the smoothed input gradient
+    must be BatchNorm's."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    bn = torchvision.models.resnet18(num_classes=5).double().train()
+    model = kn.convert_batchnorm(torchvision.models.resnet18(num_classes=5).double(), gain=0.0,
+                                 backward_window=3)
+    model.load_state_dict(bn.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    c = torch.randn(4, 5, dtype=torch.float64)
+
+    def input_grad(net):
+        xi = x.clone().requires_grad_(True)
+        (net(xi) * c).sum().backward()
+        return xi.grad
+
+    expected = input_grad(bn)
+    with kn.use_backend("composite"):
+        grads = [input_grad(model) for _ in range(4)]
+    layer = next(m for m in model.modules() if isinstance(m, kn.BatchKalmanNorm2d))
+    assert int(layer.grad_history_filled) == 2  # the last two steps averaged a full window
+    for grad in grads:
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
