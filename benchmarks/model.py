@@ -2,7 +2,8 @@
 
 ``model``: one SGD step (forward, cross-entropy, backward, optimizer step) of the CIFAR
 pre-activation ResNet and a ResNet-50, BKN converted by :func:`kalmannorm.convert_batchnorm`,
-timed against BatchNorm in the same rounds. Memory: the bytes of the distinct storages autograd
+the other norms (GroupNorm, GN + weight standardization, FRN, EvoNorm-S0, per-group BatchNorm,
+Batch Renorm, MABN) built in by the harness, timed against BatchNorm in the same rounds. Memory: the bytes of the distinct storages autograd
 saves for backward during one step (``saved_tensors_hooks``; device independent), and on CUDA
 also the peak allocated memory of the step above what was allocated before it.
 
@@ -36,11 +37,17 @@ log = logging.getLogger("benchmarks.model")
 def _model_methods(arch: str, micro_batches: Sequence[int], gain: float,
                    predictions: Sequence[str]) -> List[Tuple[str, Dict[str, Any]]]:
     gn_groups = 4 if arch.startswith("preact") else 32  # the released CIFAR baseline; GN paper
+    # and the other normalizers a micro-batch user would pick instead (the study's rows), at 32
+    # groups where they group channels, fewer where a layer has under 32 channels
     methods = [("batchnorm", dict(norm="batchnorm")),
-               ("groupnorm", dict(norm="groupnorm", num_groups=gn_groups))]
+               ("groupnorm", dict(norm="groupnorm", num_groups=gn_groups)),
+               ("groupnorm_ws", dict(norm="groupnorm_ws", num_groups=32, cap_groups=True)),
+               ("frn", dict(norm="frn")),
+               ("evonorm_s0", dict(norm="evonorm_s0", cap_groups=True))]
     for m in micro_batches:
         methods += [(f"ghost_batchnorm@{m}", dict(norm="ghost_batchnorm", micro_batch=m)),
-                    (f"batchrenorm@{m}", dict(norm="batchrenorm", micro_batch=m))]
+                    (f"batchrenorm@{m}", dict(norm="batchrenorm", micro_batch=m)),
+                    (f"mabn@{m}", dict(norm="mabn", micro_batch=m))]
         for prediction in predictions:
             suffix = "" if prediction == "sampled" else f"[{prediction}]"
             methods.append((f"bkn{suffix}@{m}", dict(norm="bkn", micro_batch=m, gain=gain,
