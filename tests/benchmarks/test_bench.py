@@ -96,6 +96,36 @@ def test_tiny_layer_run_records_floors_and_renders(tmp_path):
     assert write_doc(str(doc), str(tmp_path)) == text  # idempotent
 
 
+def test_tiny_model_run_times_every_norm_against_batchnorm(tmp_path):
+    config = BenchConfig(quick=True, suites=("model",), warmup=0, model_repeats=1,
+                         models=(("preact_resnet20", 4, 8),), model_micro_batches=(2,),
+                         dtypes=("float32",), memory_formats=("contiguous",), threads=1)
+    record = run_bench(config, str(tmp_path))
+    (result,) = record["results"]
+    assert result["errors"] == {}
+    methods = result["methods"]
+    assert set(methods) == {"batchnorm", "groupnorm", "groupnorm_ws", "frn", "evonorm_s0",
+                            "ghost_batchnorm@2", "batchrenorm@2", "mabn@2", "bkn@2"}
+    assert methods["batchnorm"]["ratio"] == 1.0 and methods["batchnorm"]["saved_ratio"] == 1.0
+    for name, entry in methods.items():
+        assert entry["median_ms"] > 0 and entry["saved_bytes"] > 0, name
+
+
+def test_model_benchmark_builds_the_norms_as_training_does():
+    from benchmarks.model import build_bench_model
+
+    cpu = torch.device("cpu")
+    spec = dict(norm="groupnorm_ws", num_groups=32, cap_groups=True)
+    model = build_bench_model("preact_resnet20", spec, cpu, "contiguous")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {16, 32}  # 16-channel layers: 16 groups
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(torch.nn.utils.parametrize.is_parametrized(c, "weight") for c in convs)
+    mabn = build_bench_model("preact_resnet20", dict(norm="mabn", micro_batch=2), cpu, "contiguous")
+    assert all(torch.nn.utils.parametrize.is_parametrized(c, "weight")
+               for c in mabn.modules() if isinstance(c, torch.nn.Conv2d))
+
+
 def test_committed_doc_tables_regenerate_from_the_committed_records(tmp_path):
     doc = os.path.join(REPO, "docs", "performance.md")
     copy = tmp_path / "performance.md"
