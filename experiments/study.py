@@ -558,7 +558,9 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
         "evaluation) as recorded, on the machine named above each table, one torch thread per "
         "run and other runs sharing its cores, so rows compare as rough ratios only; *peak "
         "memory* is the CUDA allocator's peak, or on the CPU the process's peak resident set, "
-        "which includes the data set held in memory (about 1 GB for CIFAR-10).",
+        "which includes the data set held in memory (about 1 GB for CIFAR-10). Speed measured "
+        "properly (one process, every norm against BatchNorm in the same rounds, after "
+        "warm-up) is in [the training-step benchmark](../performance.md).",
         "- **Rule:** a row *wins* (*loses*) against another when its mean test error is lower "
         "(higher) by more than the sum of the two rows' seed standard deviations; otherwise it "
         "ties; with fewer than 2 seeds there is no verdict."
