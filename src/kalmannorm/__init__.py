@@ -16,6 +16,7 @@ from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional.dispatch import get_backend, set_backend, use_backend
 from .convert import (BatchKalmanNormAct2d, BatchKalmanNormActNd, configure, convert_batchnorm,
                       norm_then, register_converter, to_batchnorm)
+from .diagnostics import LayerStatisticsError, statistics_error
 from .example_weighing import ExampleWeighing, weigh_examples
 from .modules import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, BatchKalmanNormNd
 from .norms import (GroupNorm, GroupNorm1, InstanceGroupNorm, get_norm_layer, norm_names,
@@ -42,6 +43,7 @@ __all__ = [
     "set_backend", "get_backend", "use_backend",
     "guard_report",
     "weigh_examples", "ExampleWeighing",
+    "statistics_error", "LayerStatisticsError",
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,10 @@ class _BatchKalmanNorm(_GroupedNorm):
     """Base class of the BKN layers; see :class:`BatchKalmanNorm2d`."""
 
     _bn_class: type = torch.nn.BatchNorm2d
+    # called as observer(layer, x, options, prior, result) after each training step (prior: the
+    # one supplied; with options.shadow_prior the shadow rows of x carry it); set by
+    # kalmannorm.statistics_error for one forward pass
+    _step_observer: Optional[Callable[..., None]] = None
 
     def __init__(
         self,
@@ -273,6 +277,8 @@ class _BatchKalmanNorm(_GroupedNorm):
             grad_history = self._grad_window(KF.stat_dtype(x.dtype), x.device)
         result = KF.training_step(x, self.weight, self.bias, options, prior, prior_valid,
                                   generator, running=running, grad_history=grad_history)
+        if self._step_observer is not None:
+            self._step_observer(self, x, options, prior, result)
         if self.training:
             track = self.track_running_stats
             KF.update_buffers(
