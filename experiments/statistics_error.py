@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -104,7 +105,8 @@ def measure(data, family: str, weights: Dict[str, Any], state, prediction: str,
         first = dict(rows[0])
         for key in first:
             if isinstance(first[key], float):
-                first[key] = statistics.fmean(r[key] for r in rows)
+                value = statistics.fmean(r[key] for r in rows)
+                first[key] = None if math.isnan(value) else value  # JSON has no NaN
         layers.append(first)
     commit, dirty = git_info(ROOT)
     return dict(kind="statistics_error", family=family, arch=FAMILIES[family][0],
@@ -148,7 +150,7 @@ def run(data_dir: str, records: str) -> None:
 
 # ---------------------------------------------------------------------------- the page
 def _mean(values):
-    values = list(values)
+    values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else float("nan")
 
 
@@ -207,7 +209,9 @@ def write_page(records_dir: str, page: str) -> str:
         "too large); *mean error* the mean of (mean − batch mean)² / batch var. "
         "*Closer* counts the layers where the estimate's log-var error is below the "
         "observation's. *Prediction alone*: the same distances for the prediction from the "
-        "layer below before the update combines it with the observation.",
+        "layer below before the update combines it with the observation; *running "
+        "statistics*: the layer's running averages from training (what evaluation uses; "
+        "fresh, 0 and 1, at initialization), the source of a prior over time.",
         f"- **Code:** commits {', '.join(c[:10] for c in commits)}.",
         "",
     ]
@@ -219,8 +223,9 @@ def write_page(records_dir: str, page: str) -> str:
                   + (", stem stride 1" if options.get("stem_stride") == 1 else ""), "",
                   "| Weights | Prediction | Seeds | Closer | Log-var error, observed → estimate "
                   "| Bias, observed → estimate | Mean error, observed → estimate "
-                  "| Prediction alone: log-var error, bias |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| Prediction alone: log-var error, bias | Running statistics: log-var error, "
+                  "bias |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for (fam, source, row, prediction), rs, layers, closer in rows:
             who = "random initialization" if row == "init" else f"{ROWS[row]}, {source}"
             seeds = ", ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
@@ -233,7 +238,9 @@ def write_page(records_dir: str, page: str) -> str:
                 f"{_mean(la['observed_mean_error'] for la in layers):.4f} → "
                 f"{_mean(la['estimate_mean_error'] for la in layers):.4f} | "
                 f"{_mean(la['prediction_log_var_error'] for la in layers):.3f}, "
-                f"{_mean(la['prediction_log_var_bias'] for la in layers):+.3f} |")
+                f"{_mean(la['prediction_log_var_bias'] for la in layers):+.3f} | "
+                f"{_mean(la['running_log_var_error'] for la in layers):.3f}, "
+                f"{_mean(la['running_log_var_bias'] for la in layers):+.3f} |")
         lines += ["", "By the module that runs before the layer (the defaults' sampled "
                   "prediction, every trained checkpoint of the family):", "",
                   "| Layer after | Layers | Closer | Log-var error, observed → estimate "

@@ -14,7 +14,9 @@ reports, per BKN layer, both distances:
   var)`` (below 0: the variance is underestimated, so the layer's outputs come out too large).
 
 The same distances of the prediction alone (before it is combined with the observation) say
-whether an error comes from the prediction.
+whether an error comes from the prediction; those of the layer's running statistics (as they
+were before the pass) whether the layer's past would estimate the batch better than the group
+does, the idea behind Batch Renorm, MABN and this library's ``time_prior``.
 
 Variances are the biased ones that normalization divides by, each with the layer's ``eps``.
 """
@@ -53,6 +55,8 @@ class LayerStatisticsError:
         prediction_mean_error, prediction_log_var_error, prediction_log_var_bias: the same
             for the prediction from the layer below, before the update; NaN for a layer
             without one (the first).
+        running_mean_error, running_log_var_error, running_log_var_bias: the same for the
+            layer's running statistics before the pass; NaN without them.
     """
 
     layer: str
@@ -70,6 +74,9 @@ class LayerStatisticsError:
     prediction_mean_error: float
     prediction_log_var_error: float
     prediction_log_var_bias: float
+    running_mean_error: float
+    running_log_var_error: float
+    running_log_var_bias: float
 
 
 def _describe(module: nn.Module) -> str:
@@ -178,9 +185,14 @@ def statistics_error(model: nn.Module, *args: Any, **kwargs: Any) -> List[LayerS
             prior = prior_from_rows(x[real_rows:].detach(), groups)[:2]
         predicted = (_errors(prior[0].detach(), prior[1].detach(), ref_mean, ref_var, layer.eps)
                      if prior is not None else (math.nan,) * 3)
+        running = (math.nan,) * 3
+        if layer.running_mean is not None and layer.running_var is not None:
+            running = _errors(layer.running_mean.to(ref_mean.dtype)[None],
+                              layer.running_var.to(ref_var.dtype)[None], ref_mean, ref_var,
+                              layer.eps)
         used = result.used.float().mean().item()
         calls.setdefault(layers[layer], []).append(
-            (c, groups, grouped.shape[2], used, *observed, *estimate, *predicted))
+            (c, groups, grouped.shape[2], used, *observed, *estimate, *predicted, *running))
 
     def note_leaf(module: nn.Module, args: tuple) -> None:
         last_leaf[0] = module
@@ -203,13 +215,14 @@ def statistics_error(model: nn.Module, *args: Any, **kwargs: Any) -> List[LayerS
     for name, rows in calls.items():
         n = len(rows)
         c, groups, values = rows[0][:3]
-        avg = [sum(r[i] for r in rows) / n for i in range(3, 13)]
-        used, om, ov, ob, em, ev, eb, pm, pv, pb = avg
+        avg = [sum(r[i] for r in rows) / n for i in range(3, 16)]
+        used, om, ov, ob, em, ev, eb, pm, pv, pb, rm, rv, rb = avg
         out.append(LayerStatisticsError(
             layer=name, after=after.get(name, ""), channels=c, groups=groups,
             values_per_group=values, prior_used=used,
             observed_mean_error=om, estimate_mean_error=em,
             observed_log_var_error=ov, estimate_log_var_error=ev,
             observed_log_var_bias=ob, estimate_log_var_bias=eb,
-            prediction_mean_error=pm, prediction_log_var_error=pv, prediction_log_var_bias=pb))
+            prediction_mean_error=pm, prediction_log_var_error=pv, prediction_log_var_bias=pb,
+            running_mean_error=rm, running_log_var_error=rv, running_log_var_bias=rb))
     return out

@@ -25,7 +25,8 @@ def test_a_record_measures_the_weights_of_a_checkpoint(tmp_path):
     assert record["convert_options"] == {"micro_batch": 2, "prediction": "analytic"}
     assert len(record["layers"]) == 19 and record["layers"][0]["layer"] == "norm0"
     assert record["layers"][1]["after"] == "Conv2d 3x3"
-    json.dumps(record)  # a record is plain data
+    json.dumps(record, allow_nan=False)  # plain data: no NaN (the first layer's prediction)
+    assert record["layers"][0]["prediction_log_var_error"] is None
     with pytest.raises(ValueError, match="lacks"):
         statistics_error.build("resnet", {"norm0.weight": torch.ones(8)}, "sampled", seed=3)
 

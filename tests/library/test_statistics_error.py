@@ -30,6 +30,9 @@ def test_closed_form_of_one_layer_without_a_prior():
     assert row.observed_log_var_bias == pytest.approx(log_ratio, rel=1e-6)
     assert all(math.isnan(v) for v in (row.prediction_mean_error, row.prediction_log_var_error,
                                        row.prediction_log_var_bias))
+    # fresh running statistics (0, 1) against the batch's (3, 5)
+    assert row.running_mean_error == pytest.approx(9 / (5 + eps), rel=1e-6)
+    assert row.running_log_var_bias == pytest.approx(math.log((1 + eps) / (5 + eps)), rel=1e-6)
     # no prior: BKN's estimate is the group's own statistics
     assert row.estimate_mean_error == pytest.approx(row.observed_mean_error, rel=1e-6)
     assert row.estimate_log_var_error == pytest.approx(row.observed_log_var_error, rel=1e-6)
