@@ -89,11 +89,18 @@ def _describe(module: nn.Module) -> str:
     return name
 
 
-def _errors(mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor, eps: float):
-    """``(mean error, log-variance error, log-variance bias)`` of ``[S, C]`` statistics."""
+def _errors(source: str, stats: Optional[Tuple[Tensor, Tensor]], ref_mean: Tensor,
+            ref_var: Tensor, eps: float) -> Dict[str, float]:
+    """``{source}_mean_error``, ``_log_var_error``, ``_log_var_bias`` of ``[S, C]`` (or ``[C]``)
+    statistics ``(mean, var)``; NaN for ``None``."""
+    keys = [f"{source}_mean_error", f"{source}_log_var_error", f"{source}_log_var_bias"]
+    if stats is None:
+        return dict.fromkeys(keys, math.nan)
+    mean, var = (t.detach().to(ref_mean.dtype) for t in stats)
     mean_err = ((mean - ref_mean) ** 2 / (ref_var + eps)).mean()
     log_ratio = torch.log((var + eps) / (ref_var + eps))
-    return mean_err.item(), (log_ratio ** 2).mean().item(), log_ratio.mean().item()
+    values = (mean_err, (log_ratio ** 2).mean(), log_ratio.mean())
+    return {key: value.item() for key, value in zip(keys, values)}
 
 
 @contextlib.contextmanager
@@ -158,7 +165,7 @@ def statistics_error(model: nn.Module, *args: Any, **kwargs: Any) -> List[LayerS
             f"statistics_error compares statistics groups with the whole batch, but "
             f"{whole[0]!r} normalizes the whole batch as one group (micro_batch=None); set "
             "micro_batch first (kalmannorm.configure(model, micro_batch=...))")
-    calls: Dict[str, List[tuple]] = {}
+    calls: Dict[str, List[Dict[str, Any]]] = {}
     after: Dict[str, str] = {}
     last_leaf: List[Optional[nn.Module]] = [None]
 
@@ -177,22 +184,18 @@ def statistics_error(model: nn.Module, *args: Any, **kwargs: Any) -> List[LayerS
         ref_mean = per_channel.mean((1, 2))
         ref_var = per_channel.var((1, 2), unbiased=False)
         grouped = per_channel.reshape(c, groups, -1)
-        observed = _errors(grouped.mean(2).T, grouped.var(2, unbiased=False).T,
-                           ref_mean, ref_var, layer.eps)
-        estimate = _errors(result.mean.detach(), result.var.detach(), ref_mean, ref_var,
-                           layer.eps)
         if options.shadow_prior:  # the shadow rows carry the prediction
             prior = prior_from_rows(x[real_rows:].detach(), groups)[:2]
-        predicted = (_errors(prior[0].detach(), prior[1].detach(), ref_mean, ref_var, layer.eps)
-                     if prior is not None else (math.nan,) * 3)
-        running = (math.nan,) * 3
+        running = None
         if layer.running_mean is not None and layer.running_var is not None:
-            running = _errors(layer.running_mean.to(ref_mean.dtype)[None],
-                              layer.running_var.to(ref_var.dtype)[None], ref_mean, ref_var,
-                              layer.eps)
-        used = result.used.float().mean().item()
-        calls.setdefault(layers[layer], []).append(
-            (c, groups, grouped.shape[2], used, *observed, *estimate, *predicted, *running))
+            running = (layer.running_mean, layer.running_var)
+        sources = dict(observed=(grouped.mean(2).T, grouped.var(2, unbiased=False).T),
+                       estimate=(result.mean, result.var), prediction=prior, running=running)
+        call: Dict[str, Any] = dict(channels=c, groups=groups, values_per_group=grouped.shape[2],
+                                    prior_used=result.used.float().mean().item())
+        for source, stats in sources.items():
+            call.update(_errors(source, stats, ref_mean, ref_var, layer.eps))
+        calls.setdefault(layers[layer], []).append(call)
 
     def note_leaf(module: nn.Module, args: tuple) -> None:
         last_leaf[0] = module
@@ -213,16 +216,8 @@ def statistics_error(model: nn.Module, *args: Any, **kwargs: Any) -> List[LayerS
             h.remove()
     out = []
     for name, rows in calls.items():
-        n = len(rows)
-        c, groups, values = rows[0][:3]
-        avg = [sum(r[i] for r in rows) / n for i in range(3, 16)]
-        used, om, ov, ob, em, ev, eb, pm, pv, pb, rm, rv, rb = avg
-        out.append(LayerStatisticsError(
-            layer=name, after=after.get(name, ""), channels=c, groups=groups,
-            values_per_group=values, prior_used=used,
-            observed_mean_error=om, estimate_mean_error=em,
-            observed_log_var_error=ov, estimate_log_var_error=ev,
-            observed_log_var_bias=ob, estimate_log_var_bias=eb,
-            prediction_mean_error=pm, prediction_log_var_error=pv, prediction_log_var_bias=pb,
-            running_mean_error=rm, running_log_var_error=rv, running_log_var_bias=rb))
+        fields = {key: (value if isinstance(value, int) else
+                        sum(r[key] for r in rows) / len(rows))  # floats: over the calls
+                  for key, value in rows[0].items()}
+        out.append(LayerStatisticsError(layer=name, after=after.get(name, ""), **fields))
     return out
