@@ -16,23 +16,24 @@ from the records.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
 import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import kalmannorm as kn  # noqa: E402
 from kalmannorm.harness.data import load_dataset  # noqa: E402
+from kalmannorm.harness.diagnose import average_statistics_error, model_from_run  # noqa: E402
 from kalmannorm.harness.models import build_model  # noqa: E402
 from kalmannorm.harness.records import (git_info, now, read_record, repo_relative,  # noqa: E402
                                         versions, write_json)
@@ -51,7 +52,7 @@ PREDICTIONS = {
 # checkpoints: (folder, family, row, seed); the page calls a row's weights by what trained them
 RUN_FOLDERS = [("runs/screening", "screening (3 epochs)"), ("runs/study-cpu", "study (15 epochs)")]
 ROWS = {"bn-m2": "per-group BN, m=2", "bkn-default": "BKN defaults, m=2"}
-MICRO_BATCH, BATCH, BATCHES, DATA_SEED = 2, 128, 8, 0
+MICRO_BATCH, BATCH, BATCHES = 2, 128, 8
 
 
 def checkpoints() -> List[Tuple[str, str, str, str, int]]:
@@ -76,45 +77,27 @@ def checkpoints() -> List[Tuple[str, str, str, str, int]]:
     return found
 
 
-def build(family: str, state: Optional[Dict[str, torch.Tensor]], prediction: str, seed: int):
+def initial_model(family: str, seed: int) -> nn.Module:
+    """The family's model at its random initialization (seed ``seed``), BatchNorm layers."""
     arch, options, width = FAMILIES[family]
     torch.manual_seed(seed)
-    model = build_model(arch, 10, kn.get_norm_layer("batchnorm"), width=width, **options)
-    if state is not None:
-        # BatchNorm's keys are a subset of per-group BN's and BKN's (guard counters, ...)
-        missing = model.load_state_dict(state, strict=False).missing_keys
-        if missing:
-            raise ValueError(f"the checkpoint lacks {missing[:3]}")
-    return kn.convert_batchnorm(model, micro_batch=MICRO_BATCH, **PREDICTIONS[prediction][1])
+    return build_model(arch, 10, kn.get_norm_layer("batchnorm"), width=width, **options)
 
 
-def measure(data, family: str, weights: Dict[str, Any], state, prediction: str,
+def measure(data, family: str, weights: Dict[str, Any], model: nn.Module, prediction: str,
             seed: int) -> Dict[str, Any]:
-    net = build(family, state, prediction, seed)
-    g = torch.Generator().manual_seed(DATA_SEED)
-    order = torch.randperm(data.test_x.shape[0], generator=g)
-    per_batch = []
+    """One record: ``model`` converted to BKN at m=2 with ``prediction``, measured on the test
+    batches (order and shadow-row samples from ``seed``)."""
     start = time.perf_counter()
-    for b in range(BATCHES):
-        idx = order[b * BATCH:(b + 1) * BATCH]
-        x = data.normalize(data.test_x[idx])
-        torch.manual_seed(seed + b)  # the shadow rows' samples
-        per_batch.append([asdict(r) for r in kn.statistics_error(net, x)])
-    layers = []
-    for rows in zip(*per_batch):
-        first = dict(rows[0])
-        for key in first:
-            if isinstance(first[key], float):
-                value = statistics.fmean(r[key] for r in rows)
-                first[key] = None if math.isnan(value) else value  # JSON has no NaN
-        layers.append(first)
+    options = dict(micro_batch=MICRO_BATCH, **PREDICTIONS[prediction][1])
+    net = kn.convert_batchnorm(copy.deepcopy(model), **options)
+    layers = average_statistics_error(net, data, BATCHES, BATCH, seed)
     commit, dirty = git_info(ROOT)
     return dict(kind="statistics_error", family=family, arch=FAMILIES[family][0],
                 weights=weights, prediction=prediction,
-                prediction_label=PREDICTIONS[prediction][0],
-                convert_options=dict(micro_batch=MICRO_BATCH, **PREDICTIONS[prediction][1]),
+                prediction_label=PREDICTIONS[prediction][0], convert_options=options,
                 data=dict(dataset="cifar10", split="test", batch=BATCH, batches=BATCHES,
-                          seed=DATA_SEED, augment=False),
+                          augment=False),
                 seed=seed, git_commit=commit, git_dirty=dirty, versions=versions(),
                 created=now(), wall_time=time.perf_counter() - start, layers=layers)
 
@@ -125,11 +108,11 @@ def run(data_dir: str, records: str) -> None:
     jobs = [(None, "initialization", family, "init", 0) for family in FAMILIES]
     jobs += checkpoints()
     for run_dir, source, family, row, seed in jobs:
-        state = None
         weights = dict(source=source, row=row, seed=seed)
-        if run_dir is not None:
-            state = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu",
-                               weights_only=True)["model"]
+        if run_dir is None:
+            model = initial_model(family, seed)
+        else:
+            model = model_from_run(run_dir, data_dir)[2]
             trained = read_record(os.path.join(run_dir, "record.json"))
             weights.update(run_dir=repo_relative(run_dir), epochs=len(trained["history"]),
                            test_error=trained["history"][-1].get("test_error"))
@@ -138,11 +121,7 @@ def run(data_dir: str, records: str) -> None:
             path = os.path.join(records, name)
             if os.path.isfile(path):
                 continue
-            try:
-                record = measure(data, family, weights, state, prediction, seed)
-            except (ValueError, NotImplementedError) as err:  # e.g. no analytic rule
-                print(f"{name}: {type(err).__name__}: {err}", flush=True)
-                continue
+            record = measure(data, family, weights, model, prediction, seed)
             os.makedirs(records, exist_ok=True)
             write_json(path, record)
             print(f"{name}: {record['wall_time']:.0f} s", flush=True)
@@ -196,8 +175,9 @@ def write_page(records_dir: str, page: str) -> str:
         "",
         "## Protocol",
         "",
-        f"- **Data:** {BATCHES} batches of {BATCH} CIFAR-10 test images (no augmentation, data "
-        f"seed {DATA_SEED}), from the copy made from lossy JPEGs, normalized as in training.",
+        f"- **Data:** {BATCHES} batches of {BATCH} CIFAR-10 test images (no augmentation; the "
+        "batches and the shadow rows' samples drawn with the weights' seed), from the copy "
+        "made from lossy JPEGs, normalized as in training.",
         "- **Weights:** each family's random initialization (seed 0), and the trained "
         "checkpoints of [the screening](screening.md) (3 epochs, seeds 10 and 11) and of "
         "[the study](study.md) (15 epochs, seeds 0 and 1) for per-group BN and BKN at m = 2. "

@@ -336,6 +336,10 @@ COMMANDS: List[Command] = [
     Command("demo", "micro-batch comparison on bundled real photographs (CIFAR-10 subset, about "
             "5 CPU minutes)", add_demo_arguments, demo_main,
             requires=("numpy", "PIL", "matplotlib")),
+    Command("statistics-error", "does BKN's premise hold on a trained run? Per layer, how far "
+            "the group's own statistics, BKN's estimate, its prediction and the running "
+            "statistics fall from the batch's", module="kalmannorm.harness.diagnose",
+            requires=("numpy",)),
     Command("bench", "speed benchmarks of the norm layers (from a source checkout; same as "
             "`python -m benchmarks` at its root)", module="benchmarks.cli", in_checkout=True),
 ]
