@@ -49,7 +49,8 @@ PREDICTIONS = {
     "rows4": ("defaults, 4 shadow rows per group", {"rows_per_group": 4}),
     "analytic": ("defaults, analytic prediction", {"prediction": "analytic"}),
 }
-# checkpoints: (folder, family, row, seed); the page calls a row's weights by what trained them
+# where the trained checkpoints are, and the rows whose weights are measured (named on the page
+# by what trained them)
 RUN_FOLDERS = [("runs/screening", "screening (3 epochs)"), ("runs/study-cpu", "study (15 epochs)")]
 ROWS = {"bn-m2": "per-group BN, m=2", "bkn-default": "BKN defaults, m=2"}
 MICRO_BATCH, BATCH, BATCHES = 2, 128, 8
@@ -60,17 +61,15 @@ def checkpoints() -> List[Tuple[str, str, str, str, int]]:
     found = []
     for folder, source in RUN_FOLDERS:
         for family in FAMILIES:
+            base = os.path.join(ROOT, folder, family)
+            names = sorted(os.listdir(base)) if os.path.isdir(base) else []
             for row in ROWS:
-                base = os.path.join(ROOT, folder, family)
-                if not os.path.isdir(base):
-                    continue
-                for name in sorted(os.listdir(base)):
+                prefix = f"{row}-seed"
+                for name in names:
                     run = os.path.join(base, name)
-                    prefix = f"{row}-seed"
-                    if not (name.startswith(prefix) and name[len(prefix):].isdigit()):
-                        continue
                     record = os.path.join(run, "record.json")
-                    if (os.path.isfile(os.path.join(run, "checkpoint.pt"))
+                    if (name.startswith(prefix) and name[len(prefix):].isdigit()
+                            and os.path.isfile(os.path.join(run, "checkpoint.pt"))
                             and os.path.isfile(record)
                             and read_record(record).get("status") == "complete"):
                         found.append((run, source, family, row, int(name[len(prefix):])))
