@@ -1,7 +1,6 @@
 """experiments/example_weighing.py: alpha is chosen on one test half and scored on the other,
 and the committed page regenerates from the committed records."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import example_weighing  # noqa: E402
+from page_check import assert_page_regenerates  # noqa: E402 (this folder)
 
 
 def test_alpha_is_chosen_on_one_half_and_scored_on_the_other():
@@ -23,11 +23,5 @@ def test_alpha_is_chosen_on_one_half_and_scored_on_the_other():
 
 
 def test_committed_page_regenerates_from_the_committed_records(tmp_path):
-    committed = os.path.join(REPO, example_weighing.PAGE)
-    if not os.path.exists(committed):
-        pytest.skip("no page committed yet")
-    subprocess.run([sys.executable, os.path.join(REPO, "experiments", "example_weighing.py"),
-                    "--no-run", "--write", "--page", str(tmp_path / "page.md")],
-                   check=True, capture_output=True, cwd=REPO)
-    with open(committed) as f:
-        assert (tmp_path / "page.md").read_text() == f.read()
+    assert_page_regenerates(tmp_path, "example_weighing.py",
+                            os.path.join(REPO, example_weighing.PAGE))

@@ -2,7 +2,6 @@
 records, and the committed page regenerated from the committed records."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from kalmannorm.harness.train import TrainConfig, train
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import statistics_error  # noqa: E402
+from page_check import assert_page_regenerates  # noqa: E402 (this folder)
 
 TINY = dict(dataset="digits", arch="preact_resnet8", width=4, limit_train=96, limit_test=40,
             batch_size=16, epochs=1, threads=1, progress=False)
@@ -72,11 +72,5 @@ def test_an_experiment_record_is_plain_data(trained_run, monkeypatch):
 
 
 def test_committed_page_regenerates_from_the_committed_records(tmp_path):
-    committed = os.path.join(REPO, statistics_error.PAGE)
-    if not os.path.exists(committed):
-        pytest.skip("no page committed yet")
-    subprocess.run([sys.executable, os.path.join(REPO, "experiments", "statistics_error.py"),
-                    "--no-run", "--write", "--page", str(tmp_path / "page.md")],
-                   check=True, capture_output=True, cwd=REPO)
-    with open(committed) as f:
-        assert (tmp_path / "page.md").read_text() == f.read()
+    assert_page_regenerates(tmp_path, "statistics_error.py",
+                            os.path.join(REPO, statistics_error.PAGE))

@@ -13,6 +13,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import study  # noqa: E402
+from page_check import assert_page_regenerates  # noqa: E402 (this folder)
 
 
 def test_grid_runs_every_row_on_the_resnet_and_the_verdict_rows_on_mobilenet():
@@ -90,15 +91,9 @@ def test_smoke_runs_the_pipeline_and_writes_the_page(tmp_path):
 
 @pytest.mark.parametrize("screen", [False, True], ids=["study", "screening"])
 def test_committed_page_regenerates_from_the_committed_records(tmp_path, screen):
-    committed = os.path.join(REPO, study.SCREEN_PAGE if screen else study.PAGE)
-    if not os.path.exists(committed):
-        pytest.skip("no page committed yet")
-    name = os.path.basename(committed)
-    subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--no-run",
-                    *(["--screen"] if screen else []), "--write", "--page", str(tmp_path / name)],
-                   check=True, capture_output=True, cwd=REPO, env=dict(os.environ, MPLBACKEND="Agg"))
-    with open(committed) as f:
-        assert (tmp_path / name).read_text() == f.read()
+    assert_page_regenerates(tmp_path, "study.py",
+                            os.path.join(REPO, study.SCREEN_PAGE if screen else study.PAGE),
+                            *(["--screen"] if screen else []))
 
 
 def test_screening_decision_needs_wins_on_every_family_and_in_the_confirmation():
