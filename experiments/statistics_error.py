@@ -33,7 +33,8 @@ from torch import nn  # noqa: E402
 
 import kalmannorm as kn  # noqa: E402
 from kalmannorm.harness.data import load_dataset  # noqa: E402
-from kalmannorm.harness.diagnose import average_statistics_error, model_from_run  # noqa: E402
+from kalmannorm.harness.diagnose import (average_statistics_error, closer,  # noqa: E402
+                                         model_from_run, with_prediction)
 from kalmannorm.harness.models import build_model  # noqa: E402
 from kalmannorm.harness.records import (git_info, now, read_record, repo_relative,  # noqa: E402
                                         versions, write_json)
@@ -132,10 +133,6 @@ def _mean(values):
     return statistics.fmean(values) if values else float("nan")
 
 
-def _with_prior(record):
-    return [r for r in record["layers"] if r["prior_used"] > 0]
-
-
 def summary_rows(records: List[Dict[str, Any]]):
     groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -144,9 +141,8 @@ def summary_rows(records: List[Dict[str, Any]]):
     for key in sorted(groups, key=lambda k: (list(FAMILIES).index(k[0]), k[1] != "initialization",
                                              k[1], k[2], list(PREDICTIONS).index(k[3]))):
         rs = groups[key]
-        layers = [layer for r in rs for layer in _with_prior(r)]
-        closer = sum(la["estimate_log_var_error"] < la["observed_log_var_error"] for la in layers)
-        yield key, rs, layers, closer
+        layers = [layer for r in rs for layer in with_prediction(r["layers"])]
+        yield key, rs, layers, closer(layers)
 
 
 def write_page(records_dir: str, page: str) -> str:
@@ -205,11 +201,11 @@ def write_page(records_dir: str, page: str) -> str:
                   "| Prediction alone: log-var error, bias | Running statistics: log-var error, "
                   "bias |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for (fam, source, row, prediction), rs, layers, closer in rows:
+        for (fam, source, row, prediction), rs, layers, n_closer in rows:
             who = "random initialization" if row == "init" else f"{ROWS[row]}, {source}"
             seeds = ", ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
             lines.append(
-                f"| {who} | {PREDICTIONS[prediction][0]} | {seeds} | {closer} of {len(layers)} | "
+                f"| {who} | {PREDICTIONS[prediction][0]} | {seeds} | {n_closer} of {len(layers)} | "
                 f"{_mean(la['observed_log_var_error'] for la in layers):.3f} → "
                 f"{_mean(la['estimate_log_var_error'] for la in layers):.3f} | "
                 f"{_mean(la['observed_log_var_bias'] for la in layers):+.3f} → "
@@ -229,13 +225,11 @@ def write_page(records_dir: str, page: str) -> str:
         for r in records:
             if r["family"] == family and r["prediction"] == "sampled" and \
                     r["weights"]["row"] != "init":
-                for la in _with_prior(r):
+                for la in with_prediction(r["layers"]):
                     by_kind[la["after"] or "(input)"].append(la)
         for kind, layers in sorted(by_kind.items()):
-            closer = sum(la["estimate_log_var_error"] < la["observed_log_var_error"]
-                         for la in layers)
             lines.append(
-                f"| {kind} | {len(layers)} | {closer} | "
+                f"| {kind} | {len(layers)} | {closer(layers)} | "
                 f"{_mean(la['observed_log_var_error'] for la in layers):.3f} → "
                 f"{_mean(la['estimate_log_var_error'] for la in layers):.3f} | "
                 f"{_mean(la['observed_log_var_bias'] for la in layers):+.3f} → "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -214,10 +215,11 @@ def statistics_error(model: nn.Module, *args: Any, **kwargs: Any) -> List[LayerS
             layer.__dict__.pop("_step_observer", None)
         for h in handles:
             h.remove()
-    out = []
-    for name, rows in calls.items():
-        fields = {key: (value if isinstance(value, int) else
-                        sum(r[key] for r in rows) / len(rows))  # floats: over the calls
-                  for key, value in rows[0].items()}
-        out.append(LayerStatisticsError(layer=name, after=after.get(name, ""), **fields))
-    return out
+    return [LayerStatisticsError(layer=name, after=after.get(name, ""), **average_fields(rows))
+            for name, rows in calls.items()]
+
+
+def average_fields(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``rows``' float fields averaged, every other field taken from the first row."""
+    return {key: statistics.fmean(r[key] for r in rows) if isinstance(value, float) else value
+            for key, value in rows[0].items()}

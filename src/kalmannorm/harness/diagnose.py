@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -22,13 +21,15 @@ import torch
 from torch import nn
 
 import kalmannorm as kn
+from kalmannorm.diagnostics import average_fields
 
 from .config import TrainConfig
 from .data import ImageData, load_dataset
 from .models import build_model
 from .records import read_record
 
-__all__ = ["model_from_run", "average_statistics_error", "add_arguments", "main"]
+__all__ = ["model_from_run", "average_statistics_error", "with_prediction", "closer",
+           "add_arguments", "main"]
 
 
 def model_from_run(run_dir: str, data_dir: Optional[str] = None
@@ -78,15 +79,19 @@ def average_statistics_error(net: nn.Module, data: ImageData, batches: int, batc
         x = data.normalize(data.test_x[order[b * batch_size:(b + 1) * batch_size]])
         torch.manual_seed(seed + b)
         per_batch.append([asdict(r) for r in kn.statistics_error(net, x)])
-    layers = []
-    for calls in zip(*per_batch):
-        layer = dict(calls[0])
-        for key, value in layer.items():
-            if isinstance(value, float):
-                mean = statistics.fmean(c[key] for c in calls)
-                layer[key] = None if math.isnan(mean) else mean
-        layers.append(layer)
-    return layers
+    return [{key: None if isinstance(value, float) and math.isnan(value) else value
+             for key, value in average_fields(calls).items()} for calls in zip(*per_batch)]
+
+
+def with_prediction(layers: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The layers of :func:`average_statistics_error` whose groups had a prediction to use."""
+    return [la for la in layers if la["prior_used"] > 0]
+
+
+def closer(layers: Sequence[Dict[str, Any]]) -> int:
+    """How many of ``layers`` have BKN's variance estimate closer to the batch's than the
+    group's own statistics (log-variance error)."""
+    return sum(la["estimate_log_var_error"] < la["observed_log_var_error"] for la in layers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,10 +126,9 @@ def table(layers: Sequence[Dict[str, Any]]) -> str:
                           for s in ("observed", "estimate", "prediction", "running"))
         lines.append(f"| {la['layer']} | {la['after']} | {la['prior_used']:.2f} | {errs} | "
                      f"{bias} |")
-    with_prior = [la for la in layers if la["prior_used"] > 0]
-    closer = sum(la["estimate_log_var_error"] < la["observed_log_var_error"] for la in with_prior)
+    predicted = with_prediction(layers)
     lines += ["", f"BKN's variance estimate is closer to the batch's than the group's own in "
-              f"{closer} of {len(with_prior)} layers with a prediction."]
+              f"{closer(predicted)} of {len(predicted)} layers with a prediction."]
     return "\n".join(lines)
 
 
