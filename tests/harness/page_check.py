@@ -9,7 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def assert_page_regenerates(tmp_path, script: str, committed: str, *args: str) -> None:
-    """``experiments/SCRIPT --no-run [ARGS] --write`` writes ``committed`` again, to the byte."""
+    """The experiment script ``script`` run with ``--no-run [ARGS] --write`` writes ``committed``
+    again, to the byte."""
     if not os.path.exists(committed):
         pytest.skip("no page committed yet")
     page = tmp_path / os.path.basename(committed)
