@@ -318,9 +318,9 @@ def summary(records: List[Dict[str, Any]]):
                              "give the other its own row name")
         cell["runs"].append(r)
     for cell in cells.values():
-        runs = cell["runs"]
+        runs = cell["runs"] = sorted(cell["runs"], key=lambda r: r["seed"])
         cell["errors"] = [100 * r["final"]["test_error"] for r in runs]
-        cell["seeds"] = sorted(r["seed"] for r in runs)
+        cell["seeds"] = [r["seed"] for r in runs]
         cell["epochs"] = sorted({r["epochs_done"] for r in runs})
         cell["epoch_time"] = statistics.median(e["epoch_time"] for r in runs
                                                for e in r["history"][1:] or r["history"])
@@ -350,7 +350,7 @@ def table(cells, family: str, rows: Sequence[str]) -> List[str]:
     if ref and micro:
         gap = statistics.fmean(micro["errors"]) - statistics.fmean(ref["errors"])
     any_cell = cells[(family, rows[0])]
-    columns = ["Row", "Seeds", "Epochs", "Test error % (mean ± sd)"] + \
+    columns = ["Row", "Seed: test error %", "Epochs", "Test error % (mean ± sd)"] + \
         (["Gap recovered"] if gap else []) + (["vs BN m=2"] if micro else []) + \
         (["vs GN 4"] if gn else []) + ["s / epoch", "Peak memory (MiB)"]
     lines = [f"Architecture: {FAMILY_SPECS[family][2]}"
@@ -360,7 +360,8 @@ def table(cells, family: str, rows: Sequence[str]) -> List[str]:
     for row in rows:
         c = cells[(family, row)]
         mean = statistics.fmean(c["errors"])
-        cols = [ROWS[row][0], ", ".join(map(str, c["seeds"])), "/".join(map(str, c["epochs"])),
+        cols = [ROWS[row][0], ", ".join(f"{s}: {e:.2f}" for s, e in zip(c["seeds"], c["errors"])),
+                "/".join(map(str, c["epochs"])),
                 _fmt(c["errors"])]
         if gap:
             cols.append("n/a" if row in (REFERENCE, MICRO_BN) else
