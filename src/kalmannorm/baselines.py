@@ -17,7 +17,7 @@ A norm declares the convolution weights it needs by a ``conv_weights`` attribute
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -282,11 +282,32 @@ def fold_conv_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+GROUP_LAYOUTS = ("devices", "sequential")
+
+
+def _window_means(history: Tensor, current: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
+    """MABN's simple moving averages: each group's mean over its window of ``k`` values
+    (``history``: the ``k - 1`` values before this step, oldest first; ``current``: ``[S, C]``),
+    and the history the next step starts with.
+
+    ``"devices"``: group ``s``'s window is group 0's past values and its own current one; the
+    next history appends group 0's. ``"sequential"``: the groups are successive micro-batches
+    of one device; group ``s``'s window is the ``k`` values ending with it in the sequence
+    ``history, current[0], ..., current[S - 1]``, and the next history is that sequence's last
+    ``k - 1``."""
+    k = history.shape[0] + 1
+    if layout == "devices":
+        return (history.sum(dim=0) + current) / k, torch.cat([history[1:], current[:1]])
+    sequence = torch.cat([history, current])  # [k - 1 + S, C]
+    windows = sequence.unfold(0, k, 1)  # [S, C, k]: window s is sequence[s : s + k]
+    return windows.sum(dim=-1) / k, sequence[sequence.shape[0] - (k - 1):]
+
+
 class _MovingAverageNormFunction(torch.autograd.Function):
     """``y = x * scale[s] + bias`` forward; MABN's smoothed backward (see the module)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, inv_std, r, psi_history, use_average, groups):
+    def forward(ctx, x, weight, bias, inv_std, r, psi_history, use_average, groups, layout):
         scale = inv_std * r  # [S, C]
         shift = torch.zeros_like(scale)
         if weight is not None:
@@ -294,7 +315,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(scale.dtype)
         ctx.save_for_backward(x, weight, inv_std, r, use_average)
-        ctx.psi_history, ctx.groups = psi_history, groups
+        ctx.psi_history, ctx.groups, ctx.layout = psi_history, groups, layout
         ctx.has_bias = bias is not None
         return group_affine(x, scale, shift)
 
@@ -312,17 +333,17 @@ class _MovingAverageNormFunction(torch.autograd.Function):
         g = dys * gain[:, None, :, None]
         psi = (g * z).mean(dim=(1, 3))  # [S, C]
         history = ctx.psi_history
-        average = (history.sum(dim=0) + psi) / (history.shape[0] + 1)
+        average, following = _window_means(history.to(dtype), psi, ctx.layout)
         psi_used = torch.where(use_average, average, psi)
         dx = (g - z * psi_used[:, None, :, None]) * inv_std[:, None, :, None]
-        if history.shape[0]:  # the window's past from group 0 only (DDP: rank 0's buffers)
-            history.copy_(torch.cat([history[1:], psi[:1].to(history.dtype)]))
+        if history.shape[0]:
+            history.copy_(following)
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (dys * z * r[:, None, :, None]).sum(dim=(0, 1, 3)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dys.sum(dim=(0, 1, 3)).to(dy.dtype)
-        return dx.reshape(x.shape).to(x.dtype), dweight, dbias, None, None, None, None, None
+        return dx.reshape(x.shape).to(x.dtype), dweight, dbias, None, None, None, None, None, None
 
 
 class MovingAverageBatchNorm2d(_GroupedNorm):
@@ -346,8 +367,8 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
         dL/dx = (g - z * Psi_s) / sqrt(xi_s + eps)
 
     then ``running_var <- (1 - momentum) * running_var + momentum * xi_0``. Until
-    ``t >= max(warmup_iters, window - 1)`` the averages are the current ``chi_s``, ``psi_s``
-    alone; until ``t >= r_warmup_iters``, ``r = 1``. With ``window=1`` the backward is the true
+    ``t >= max(warmup_iters, window - 1)`` (the history is full) the averages are the current
+    ``chi_s``, ``psi_s`` alone; until ``t >= r_warmup_iters``, ``r = 1``. With ``window=1`` the backward is the true
     gradient of ``weight * r * x / sqrt(chi_s + eps) + bias`` with ``r`` held constant.
 
     **Faithful to separate devices.** Group ``s`` stands for a device holding those rows alone.
@@ -355,6 +376,20 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
     so the buffers (the past ``chi``, past ``psi``, ``running_var``) are updated from group 0
     only, and group ``s`` uses that history with its own current ``chi_s``, ``psi_s``. Group 0's
     outputs and input gradients do not depend on the other groups' rows, to the bit.
+
+    **One device's successive micro-batches** (``group_layout="sequential"``). The released
+    ImageNet code (``cls/networks/MABN.py`` of ``megvii-model/MABN``, which produced the
+    published normalization-batch-2 results) instead treats the groups of a device's batch as a
+    sequence, as if one device ran them one after another under gradient accumulation: group
+    ``s``'s window holds the ``k`` statistics ending with its own in the sequence (the last
+    groups of the previous step, then groups ``0 .. s`` of this one), so it reads the earlier
+    groups of the same step; the next step's history is the sequence's last ``k - 1`` values,
+    in the forward (``chi``) and the backward (``psi``) alike; the history is full after
+    ``ceil((k - 1) / S)`` steps; and ``running_var`` follows the mean of the groups' ``xi``, as
+    the released code's does. Group ``s`` never reads a later
+    group. Its window therefore holds mostly statistics of the current weights, where the
+    devices' layout holds ``k - 1`` past steps' statistics; with ``k`` equal to the number of
+    groups (the released setting) it is the released code's ``sta_matrix`` average.
 
     Evaluation: ``y = weight * x / sqrt(running_var + eps) + bias``, i.e. ``F.batch_norm`` with
     ``running_mean`` zero. ``running_var`` is thus a running average of ``E[x^2]`` (of ``xi``),
@@ -383,6 +418,9 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
         r_warmup_iters: steps with ``r = 1``. Default: 1000.
         r_max: the clip of ``r`` after them, at least 1. Default: 5.
         micro_batch: rows per statistics group; ``None`` for the whole batch. Default: ``None``.
+        group_layout: ``"devices"`` (each group a separate device) or ``"sequential"`` (one
+            device's successive micro-batches, as the released ImageNet code). Default:
+            ``"devices"``.
 
     Shape:
         ``[N, C, H, W]`` in and out, ``N`` a multiple of ``micro_batch``; statistics float32.
@@ -398,7 +436,7 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.02,
                  affine: bool = True, device=None, dtype=None, *, window: int = 16,
                  warmup_iters: int = 100, r_warmup_iters: int = 1000, r_max: float = 5.0,
-                 micro_batch: Optional[int] = None) -> None:
+                 micro_batch: Optional[int] = None, group_layout: str = "devices") -> None:
         for name, value, low in (("window", window, 1), ("warmup_iters", warmup_iters, 0),
                                  ("r_warmup_iters", r_warmup_iters, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -409,9 +447,14 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
                              "MABN keeps no cumulative average")
         if not float(r_max) >= 1:
             raise ValueError(f"r_max must be >= 1 (got {r_max})")
+        if group_layout not in GROUP_LAYOUTS:
+            raise ValueError(f"group_layout must be one of {GROUP_LAYOUTS} (got {group_layout!r})"
+                             ": 'devices' for groups on separate devices, 'sequential' for one "
+                             "device's successive micro-batches (gradient accumulation)")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, micro_batch)
         self.window, self.warmup_iters = window, warmup_iters
         self.r_warmup_iters, self.r_max = r_warmup_iters, float(r_max)
+        self.group_layout = group_layout
         stat = stat_dtype(dtype or torch.get_default_dtype())
         for name in ("chi_history", "psi_history"):  # the k - 1 past values of group 0
             self.register_buffer(name, torch.zeros(window - 1, num_features, device=device,
@@ -426,7 +469,7 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, window={self.window}, warmup_iters={self.warmup_iters}"
                 f", r_warmup_iters={self.r_warmup_iters}, r_max={self.r_max}, "
-                f"micro_batch={self.micro_batch}")
+                f"micro_batch={self.micro_batch}, group_layout={self.group_layout!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -441,18 +484,25 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
             rows = x.detach().to(stat_dtype(x.dtype)).reshape(groups, -1, self.num_features,
                                                               x[0, 0].numel())
             chi = rows.square().mean(dim=(1, 3))  # [S, C]
-            history = self.chi_history.to(chi.dtype)
-            use_average = step >= max(self.warmup_iters, self.window - 1)
-            xi = torch.where(use_average, (history.sum(dim=0) + chi) / self.window, chi)
+            average, following = _window_means(self.chi_history.to(chi.dtype), chi,
+                                               self.group_layout)
+            # the history is full after k - 1 steps (devices: one value a step) or after
+            # ceil((k - 1) / S) steps (sequential: S values a step)
+            fill = -(-(self.window - 1) // groups) if self.group_layout == "sequential" else \
+                self.window - 1
+            use_average = step >= max(self.warmup_iters, fill)
+            xi = torch.where(use_average, average, chi)
             running_std = (self.running_var.to(chi.dtype) + self.eps).sqrt()
             r = ((xi + self.eps).sqrt() / running_std).clamp(1 / self.r_max, self.r_max)
             r = torch.where(step >= self.r_warmup_iters, r, torch.ones_like(r))
             inv_std = torch.rsqrt(xi + self.eps)
         y = _MovingAverageNormFunction.apply(x, self.weight, self.bias, inv_std, r,
-                                             self.psi_history, use_average, groups)
-        with torch.no_grad():  # buffers from group 0 only, after their use
+                                             self.psi_history, use_average, groups,
+                                             self.group_layout)
+        with torch.no_grad():  # the buffers after their use
             if self.window > 1:
-                self.chi_history.copy_(torch.cat([self.chi_history[1:], chi[:1]]))
-            self.running_var.lerp_(xi[0].to(self.running_var.dtype), self.momentum)
+                self.chi_history.copy_(following)
+            seen = xi[0] if self.group_layout == "devices" else xi.mean(dim=0)
+            self.running_var.lerp_(seen.to(self.running_var.dtype), self.momentum)
             step.add_(1)
         return y

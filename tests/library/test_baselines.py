@@ -244,6 +244,95 @@ def test_mabn_forward_and_backward_equal_the_equations_over_steps():
     assert int(layer.num_batches_tracked) == 6
 
 
+def _mabn_released_sequential(steps, m, weight, bias, running_var, *, eps, momentum,
+                              r_warmup_iters, r_max):
+    """The released ImageNet code's MABN (``megvii-model/MABN``, ``cls/networks/MABN.py``) as a
+    matrix: with S groups and a window of S, group i's statistic is row i of ``sta_matrix @
+    [last step's S values; this step's S values]``, ``sta_matrix[i, j] = 1 / S`` for
+    ``i < j <= S + i``, else 0; the first step uses the current values alone. Float64."""
+    groups = steps[0][0].shape[0] // m
+    sta = torch.full((groups, 2 * groups), 1 / groups, dtype=torch.float64)
+    for i in range(groups):
+        sta[i, :i + 1] = 0
+        sta[i, groups + i + 1:] = 0
+    pre_chi = pre_psi = None
+    rv, out = running_var.clone(), []
+    w, b = weight.view(1, 1, -1, 1, 1), bias.view(1, 1, -1, 1, 1)
+    for t, (x, dy) in enumerate(steps):
+        xs, dys = x.view(groups, m, *x.shape[1:]), dy.view(groups, m, *x.shape[1:])
+        chi = xs.square().mean((1, 3, 4))  # [S, C]
+        var = chi if pre_chi is None else sta @ torch.cat([pre_chi, chi])
+        v = var.view(groups, 1, -1, 1, 1)
+        z = xs / (v + eps).sqrt()
+        r = (v + eps).sqrt() / (rv.view(1, 1, -1, 1, 1) + eps).sqrt()
+        r = r.clamp(1 / r_max, r_max) if t >= r_warmup_iters else torch.ones_like(r)
+        y = w * r * z + b
+        g = dys * w * r
+        psi = (g * z).mean((1, 3, 4))
+        mean_psi = psi if pre_psi is None else sta @ torch.cat([pre_psi, psi])
+        dx = (g - z * mean_psi.view(groups, 1, -1, 1, 1)) / (v + eps).sqrt()
+        rv = (1 - momentum) * rv + momentum * var.mean(0)
+        pre_chi, pre_psi = chi, psi
+        out.append((y.reshape(x.shape), dx.reshape(x.shape), (dys * r * z).sum((0, 1, 3, 4)),
+                    dys.sum((0, 1, 3, 4)), rv.clone()))
+    return out
+
+
+def test_mabn_sequential_layout_is_the_released_imagenet_codes_window():
+    gen = torch.Generator().manual_seed(12)
+    opts = dict(eps=1e-3, momentum=0.3, r_warmup_iters=2, r_max=1.3)
+    layer = kn.MovingAverageBatchNorm2d(4, micro_batch=2, window=3, warmup_iters=0,
+                                        group_layout="sequential", dtype=torch.float64, **opts)
+    _randomize(layer, gen, ("weight", "bias"))
+    with torch.no_grad():
+        layer.running_var.copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.2)
+    steps = [(torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64)
+              * torch.rand(1, 4, 1, 1, generator=gen, dtype=torch.float64) * 3,
+              torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64)) for _ in range(5)]
+    expected = _mabn_released_sequential(steps, 2, layer.weight.detach(), layer.bias.detach(),
+                                         layer.running_var.clone(), **opts)
+    devices = kn.MovingAverageBatchNorm2d(4, micro_batch=2, window=3, warmup_iters=0,
+                                          dtype=torch.float64, **opts)
+    devices.load_state_dict(layer.state_dict())
+    for t, ((x, dy), (y_ref, dx_ref, dw_ref, db_ref, rv_ref)) in enumerate(zip(steps, expected)):
+        layer.weight.grad = layer.bias.grad = None
+        y, dx, db, dw = _outputs_and_grads(layer, x, dy)
+        for a, b in [(y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref),
+                     (layer.running_var, rv_ref)]:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        y_dev, dx_dev = _outputs_and_grads(devices, x, dy)[:2]
+        if t >= 2:  # both windows full: the layouts differ
+            assert not torch.allclose(y_dev, y) and not torch.allclose(dx_dev, dx)
+
+
+@pytest.mark.parametrize("others", ["random", "zeros"])
+def test_mabn_sequential_group_never_reads_a_later_group(others):
+    gen = torch.Generator().manual_seed(13)
+    # r = 1 throughout: an unclipped r cancels the window in the forward (r * z = x / running)
+    layer = kn.MovingAverageBatchNorm2d(8, micro_batch=2, window=4, warmup_iters=0,
+                                        r_warmup_iters=10**9, group_layout="sequential")
+    for _ in range(2):  # fill the history
+        x = torch.randn(8, 8, 3, 3, generator=gen) * 2
+        _outputs_and_grads(layer, x, torch.randn(x.shape, generator=gen))
+    twin, third = copy.deepcopy(layer), copy.deepcopy(layer)
+    x, dy = torch.randn(8, 8, 3, 3, generator=gen) * 2, torch.randn(8, 8, 3, 3, generator=gen)
+    x2, dy2 = x.clone(), dy.clone()
+    if others == "zeros":  # groups 2 and 3 (rows 4..7) change
+        x2[4:], dy2[4:] = 0, 0
+    else:
+        x2[4:] = torch.randn(x2[4:].shape, generator=gen) * 5
+        dy2[4:] = torch.randn(dy2[4:].shape, generator=gen)
+    y, dx = _outputs_and_grads(layer, x, dy)[:2]
+    y2, dx2 = _outputs_and_grads(twin, x2, dy2)[:2]
+    assert torch.equal(y[:4], y2[:4]) and torch.equal(dx[:4], dx2[:4])
+    assert not torch.equal(y[4:], y2[4:])
+    # while an earlier group is in a later one's window: group 0 changes group 1's output
+    x3 = x.clone()
+    x3[:2] *= 3
+    y3 = third(x3)
+    assert not torch.allclose(y3[2:4], y[2:4])
+
+
 def test_mabn_with_window_one_has_the_true_gradient():
     # k = 1, r = 1: y = weight * x / sqrt(mean_group(x^2) + eps) + bias, exactly differentiated.
     layer = kn.MovingAverageBatchNorm2d(3, window=1, warmup_iters=0, r_warmup_iters=10**9,
@@ -366,6 +455,8 @@ def test_bad_options_and_inputs_name_the_way_out():
                       ({"warmup_iters": -1}, "warmup_iters must be an int >= 0"),
                       ({"momentum": None}, "momentum must be a number in"),
                       ({"r_max": 0.5}, "r_max must be >= 1"),
+                      ({"group_layout": "ranks"}, "group_layout must be one of .*gradient "
+                                                  "accumulation"),
                       ({"micro_batch": 0}, "micro_batch must be a positive int")]:
         with pytest.raises(ValueError, match=match):
             kn.MovingAverageBatchNorm2d(4, **kw)
