@@ -484,7 +484,8 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
     # relative to docs/results, where the pages are committed
     link = os.path.relpath(os.path.abspath(records_dir),
                            os.path.join(ROOT, "docs", "results")).replace(os.sep, "/")
-    commits = sorted({r.get("git_commit") or "none" for r in records})
+    commits = sorted({c.get("git_commit") or "none" for r in records
+                      for c in [r, *r.get("resumed_code", [])]})  # started or resumed with
     rows, seeds = (SCREEN_ROWS, SCREEN_SEEDS) if screen else (STUDY_ROWS, [0, 1])
     lines = [
         "# Screening BKN's configurations" if screen else "# The micro-batch study",
@@ -589,7 +590,8 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
         "(higher) by more than the sum of the two rows' seed standard deviations; otherwise it "
         "ties; with fewer than 2 seeds there is no verdict."
         + ("" if screen else " *Gap recovered* is (BN m=2 − row) / (BN m=2 − BN full batch)."),
-        f"- **Code:** commits {', '.join(c[:10] for c in commits)}.",
+        f"- **Code:** the commits the runs started or resumed with (a record names the "
+        f"resuming commit since `resumed_code` was added): {', '.join(c[:10] for c in commits)}.",
         "",
     ]
     done = {(r["_family"], r["_row"], r["seed"]) for r in records if r["complete"]}

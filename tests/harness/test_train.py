@@ -76,6 +76,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, method):
     assert read_record(str(tmp_path / "split" / "record.json"))["status"] == "incomplete"
     resumed = train(tiny(tmp_path, "split", epochs=3, resume=True, **method))
     assert resumed["status"] == "complete" and resumed["resumed_at"] == [1]
+    assert [(c["epoch"], c["git_commit"]) for c in resumed["resumed_code"]] == [
+        (1, full["git_commit"])]
     model_a, opt_a, rec_a = _final_state(tmp_path / "full")
     model_b, opt_b, rec_b = _final_state(tmp_path / "split")
     assert model_a.keys() == model_b.keys()
@@ -83,7 +85,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, method):
         assert torch.equal(model_a[key], model_b[key]), key
     for pa, pb in zip(opt_a["state"].values(), opt_b["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_time", "wall_time")} for e in h]
+    measured = ("epoch_time", "wall_time", "peak_memory")  # of the machine, not of the run
+    strip = lambda h: [{k: v for k, v in e.items() if k not in measured} for e in h]
     assert strip(full["history"]) == strip(resumed["history"])
 
 
@@ -95,6 +98,19 @@ def test_resume_refuses_changed_config_and_existing_run(tmp_path):
         train(tiny(tmp_path, epochs=1, lr=0.05, resume=True))
     again = train(tiny(tmp_path, epochs=1, resume=True))  # finished: nothing left to do
     assert again["status"] == "complete" and again["epochs_done"] == 1
+
+
+def test_resume_refuses_code_that_resolves_other_norm_options(tmp_path):
+    # a run started by code whose BKN layers resolved another option (here: momentum)
+    train(tiny(tmp_path, epochs=2, time_limit=0, norm="bkn", micro_batch=2))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["record"]["normalization"]["layers"][0]["options"]["momentum"] = 0.2
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r'cannot resume .*"momentum": 0.2.*--overwrite'):
+        train(tiny(tmp_path, epochs=2, resume=True, norm="bkn", micro_batch=2))
+    assert path.read_bytes() == before
 
 
 def test_true_small_batch_and_groupnorm(tmp_path):

@@ -11,6 +11,8 @@ guard counters of BKN. Schema (``"schema": "kalmannorm.run/1"``)::
     dataset {name, train_size, test_size, num_classes, image_shape, pad, flip},
     model {arch, num_parameters}, epochs_planned, epochs_done, steps_per_epoch,
     started_at, updated_at (ISO 8601 UTC), wall_time (s, summed over sessions), resumed_at [epoch],
+    resumed_code [{epoch, git_commit, git_dirty, kalmannorm}] (the code each resumed session ran;
+                  absent in records written before it was kept),
     stop_reason (null | "finished" | "time_limit" | "interrupted" (Ctrl-C) |
                  "terminated (SIGTERM)" | "non-finite training loss" | "error: ..."),
     history [{epoch, lr, steps, train_loss, train_error, test_loss, test_error, epoch_time,

@@ -20,6 +20,7 @@ its own micro-batch statistics. ``batch_size`` is per rank (the global SGD batch
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -134,6 +135,24 @@ def _peak_memory(device: torch.device) -> Dict[str, Any]:
     import resource
 
     return dict(kind="cpu_max_rss", bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _resumed_record(record: Dict[str, Any], fresh: Dict[str, Any], ckpt_path: str) -> Dict[str, Any]:
+    """The checkpoint's record, continued by this session: refused if this code resolves the
+    norm layers' options differently from the session that started the run (the run would mix
+    two configurations under one label); otherwise the epoch and the code this session resumes
+    with are appended to ``resumed_at`` and ``resumed_code``."""
+    if record.get("normalization") is not None and record["normalization"] != fresh["normalization"]:
+        raise ValueError(
+            f"cannot resume {ckpt_path}: this code resolves the norm layers' options to "
+            f"{json.dumps(fresh['normalization'], sort_keys=True)}, the run started with "
+            f"{json.dumps(record['normalization'], sort_keys=True)}; resume with the code of "
+            f"commit {record.get('git_commit')}, or start again with --overwrite")
+    record["resumed_at"].append(record["epochs_done"])
+    record.setdefault("resumed_code", []).append(
+        dict(epoch=record["epochs_done"], git_commit=fresh["git_commit"],
+             git_dirty=fresh["git_dirty"], kalmannorm=fresh["versions"].get("kalmannorm")))
+    return record
 
 
 def _guard(model: nn.Module) -> Tuple[int, int]:
@@ -420,8 +439,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> Dict[str, 
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            record = ckpt["record"]
-            record["resumed_at"].append(record["epochs_done"])
+            record = _resumed_record(ckpt["record"], record, ckpt_path)
             record.update(status="running", complete=False, stop_reason=None)
         if world > 1:
             ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
