@@ -368,8 +368,9 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
 
     then ``running_var <- (1 - momentum) * running_var + momentum * xi_0``. Until
     ``t >= max(warmup_iters, window - 1)`` (the history is full) the averages are the current
-    ``chi_s``, ``psi_s`` alone; until ``t >= r_warmup_iters``, ``r = 1``. With ``window=1`` the backward is the true
-    gradient of ``weight * r * x / sqrt(chi_s + eps) + bias`` with ``r`` held constant.
+    ``chi_s``, ``psi_s`` alone; until ``t >= r_warmup_iters``, ``r = 1``. With ``window=1`` the
+    backward is the true gradient of ``weight * r * x / sqrt(chi_s + eps) + bias`` with ``r``
+    held constant.
 
     **Faithful to separate devices.** Group ``s`` stands for a device holding those rows alone.
     Under DDP (``broadcast_buffers=True``) every rank starts each forward with rank 0's buffers,
@@ -386,10 +387,10 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
     groups of the same step; the next step's history is the sequence's last ``k - 1`` values,
     in the forward (``chi``) and the backward (``psi``) alike; the history is full after
     ``ceil((k - 1) / S)`` steps; and ``running_var`` follows the mean of the groups' ``xi``, as
-    the released code's does. Group ``s`` never reads a later
-    group. Its window therefore holds mostly statistics of the current weights, where the
-    devices' layout holds ``k - 1`` past steps' statistics; with ``k`` equal to the number of
-    groups (the released setting) it is the released code's ``sta_matrix`` average.
+    the released code's does. Group ``s`` never reads a later group. Its window therefore holds
+    mostly statistics of the current weights, where the devices' layout holds ``k - 1`` past
+    steps' statistics; with ``k`` equal to the number of groups (the released setting) it is
+    the released code's ``sta_matrix`` average.
 
     Evaluation: ``y = weight * x / sqrt(running_var + eps) + bias``, i.e. ``F.batch_norm`` with
     ``running_mean`` zero. ``running_var`` is thus a running average of ``E[x^2]`` (of ``xi``),
@@ -456,7 +457,8 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
         self.r_warmup_iters, self.r_max = r_warmup_iters, float(r_max)
         self.group_layout = group_layout
         stat = stat_dtype(dtype or torch.get_default_dtype())
-        for name in ("chi_history", "psi_history"):  # the k - 1 past values of group 0
+        # the k - 1 values before this step: group 0's (devices), the sequence's (sequential)
+        for name in ("chi_history", "psi_history"):
             self.register_buffer(name, torch.zeros(window - 1, num_features, device=device,
                                                    dtype=stat))
 
