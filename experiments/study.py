@@ -104,7 +104,8 @@ SCREEN_ROWS = ["bn-m2", "bkn-default", "bkn-released", "bkn-time", "bkn-rows4", 
                "bkn-detached", "bkn-smooth", "bkn-time-smooth"]
 REFERENCE, MICRO_BN, GROUPNORM = "bn-full", "bn-m2", "gn4"
 # The rows the verdicts rest on, run on the second family too.
-VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-default", "mabn-m2"]
+VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-default", "mabn-m2",
+                "mabn-m2-seq"]
 # family -> (architecture, its train arguments, how the page names it)
 FAMILY_SPECS: Dict[str, Tuple[str, List[str], str]] = {
     "resnet": ("preact_resnet20", [], "preact_resnet20"),

@@ -390,7 +390,10 @@ class MovingAverageBatchNorm2d(_GroupedNorm):
     the released code's does. Group ``s`` never reads a later group. Its window therefore holds
     mostly statistics of the current weights, where the devices' layout holds ``k - 1`` past
     steps' statistics; with ``k`` equal to the number of groups (the released setting) it is
-    the released code's ``sta_matrix`` average.
+    the released code's ``sta_matrix`` average. To train with real gradient accumulation (one
+    forward and backward per micro-batch) use the default layout with ``micro_batch=None``: its
+    windows over the previous forwards are the same (tested); ``warmup_iters`` and
+    ``r_warmup_iters`` then count forwards, and ``running_var`` moves at each forward.
 
     Evaluation: ``y = weight * x / sqrt(running_var + eps) + bias``, i.e. ``F.batch_norm`` with
     ``running_mean`` zero. ``running_var`` is thus a running average of ``E[x^2]`` (of ``xi``),

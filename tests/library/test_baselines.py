@@ -305,6 +305,35 @@ def test_mabn_sequential_layout_is_the_released_imagenet_codes_window():
             assert not torch.allclose(y_dev, y) and not torch.allclose(dx_dev, dx)
 
 
+def test_mabn_sequential_layout_equals_real_gradient_accumulation():
+    # One forward of S groups in the sequential layout against the same rows run as S forwards
+    # of m rows each (micro_batch=None), each followed by its backward, as gradient accumulation
+    # runs them: the windows, outputs and gradients agree. r stays 1 (it reads running_var,
+    # which accumulation updates once per forward).
+    gen = torch.Generator().manual_seed(14)
+    opts = dict(window=5, warmup_iters=0, r_warmup_iters=10**9, dtype=torch.float64)
+    one = kn.MovingAverageBatchNorm2d(3, micro_batch=2, group_layout="sequential", **opts)
+    _randomize(one, gen, ("weight", "bias"))
+    accumulating = kn.MovingAverageBatchNorm2d(3, **opts)
+    accumulating.load_state_dict(one.state_dict())
+    for step in range(3):
+        x = torch.randn(8, 3, 2, 2, generator=gen, dtype=torch.float64) * 2
+        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        one.weight.grad = one.bias.grad = None
+        y, dx, db, dw = _outputs_and_grads(one, x, dy)
+        accumulating.weight.grad = accumulating.bias.grad = None
+        parts = [_outputs_and_grads(accumulating, x[i:i + 2], dy[i:i + 2])[:2]
+                 for i in range(0, 8, 2)]
+        if step == 0:  # the windows fill after ceil(4 / 4) = 1 step against 4 forwards
+            continue
+        torch.testing.assert_close(y, torch.cat([p[0] for p in parts]))
+        torch.testing.assert_close(dx, torch.cat([p[1] for p in parts]))
+        torch.testing.assert_close(dw, accumulating.weight.grad)
+        torch.testing.assert_close(db, accumulating.bias.grad)
+        torch.testing.assert_close(one.chi_history, accumulating.chi_history)
+        torch.testing.assert_close(one.psi_history, accumulating.psi_history)
+
+
 @pytest.mark.parametrize("others", ["random", "zeros"])
 def test_mabn_sequential_group_never_reads_a_later_group(others):
     gen = torch.Generator().manual_seed(13)
