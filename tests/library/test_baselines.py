@@ -28,6 +28,18 @@ def _outputs_and_grads(layer, x, dy):
     return [y, x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
 
 
+def _other_rows(x, dy, start, others, gen):
+    """Copies of ``x`` and ``dy`` whose rows from ``start`` on are blank (``others="zeros"``)
+    or other random rows (``"random"``, inputs 5 times larger)."""
+    x2, dy2 = x.clone(), dy.clone()
+    if others == "zeros":
+        x2[start:], dy2[start:] = 0, 0
+    else:
+        x2[start:] = torch.randn(x2[start:].shape, generator=gen) * 5
+        dy2[start:] = torch.randn(dy2[start:].shape, generator=gen)
+    return x2, dy2
+
+
 def _frn_eps_outside(x, layer):
     nu = x.square().mean((2, 3), keepdim=True).sqrt()
     y = x / (nu + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
@@ -345,12 +357,7 @@ def test_mabn_sequential_group_never_reads_a_later_group(others):
         _outputs_and_grads(layer, x, torch.randn(x.shape, generator=gen))
     twin, third = copy.deepcopy(layer), copy.deepcopy(layer)
     x, dy = torch.randn(8, 8, 3, 3, generator=gen) * 2, torch.randn(8, 8, 3, 3, generator=gen)
-    x2, dy2 = x.clone(), dy.clone()
-    if others == "zeros":  # groups 2 and 3 (rows 4..7) change
-        x2[4:], dy2[4:] = 0, 0
-    else:
-        x2[4:] = torch.randn(x2[4:].shape, generator=gen) * 5
-        dy2[4:] = torch.randn(dy2[4:].shape, generator=gen)
+    x2, dy2 = _other_rows(x, dy, 4, others, gen)  # groups 2 and 3 (rows 4..7) change
     y, dx = _outputs_and_grads(layer, x, dy)[:2]
     y2, dx2 = _outputs_and_grads(twin, x2, dy2)[:2]
     assert torch.equal(y[:4], y2[:4]) and torch.equal(dx[:4], dx2[:4])
@@ -408,12 +415,7 @@ def test_group0_is_bitwise_independent_of_the_other_groups_rows(name, kw, others
     for _ in range(4):  # MABN: the history and r come into play
         x = torch.randn(6, 32, 3, 3, generator=gen) * 2
         dy = torch.randn(x.shape, generator=gen)
-        x2, dy2 = x.clone(), dy.clone()
-        if others == "zeros":
-            x2[2:], dy2[2:] = 0, 0
-        else:
-            x2[2:] = torch.randn(x2[2:].shape, generator=gen) * 5
-            dy2[2:] = torch.randn(dy2[2:].shape, generator=gen)
+        x2, dy2 = _other_rows(x, dy, 2, others, gen)
         y, dx = _outputs_and_grads(layer, x, dy)[:2]
         y2, dx2 = _outputs_and_grads(twin, x2, dy2)[:2]
         assert torch.equal(y[:2], y2[:2]) and torch.equal(dx[:2], dx2[:2])
