@@ -171,19 +171,24 @@ def job_of(name: str) -> Tuple[str, str, int]:
     return family, row, int(seed)
 
 
+def model_arguments(family: str, row: str, width: int) -> List[str]:
+    """The ``train`` arguments that say what a (family, row) trains: the network and its norm."""
+    width_args = ["--width", str(width)] if family == "resnet" else []
+    return ["--arch", FAMILIES[family], *FAMILY_SPECS[family][1], *width_args, "--batch-size",
+            "128", *ROWS[row][1]]
+
+
 def command(job, args) -> List[str]:
     family, row, seed = job
-    label, row_args = ROWS[row]
     cmd = [sys.executable, "-m", "kalmannorm", "train", "--dataset", args.dataset,
-           "--arch", FAMILIES[family], *FAMILY_SPECS[family][1], "--batch-size", "128",
-           "--recipe", "short",
+           *model_arguments(family, row, args.width), "--recipe", "short",
            "--epochs", str(args.epochs), "--seed", str(seed), "--device", args.device,
            "--run-dir", _relative(os.path.abspath(run_dir(args.root, job))), "--quiet",
-           "--label", label, *row_args]
+           "--label", ROWS[row][0]]
     if args.data_dir:
         cmd += ["--data-dir", _relative(os.path.abspath(args.data_dir))]
-    if family == "resnet":
-        cmd += ["--width", str(args.width)]
+    if family in args.channels_last:
+        cmd.append("--channels-last")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.cuda_graphs:
@@ -657,6 +662,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's)")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--channels-last", nargs="+", default=[], choices=list(FAMILIES),
+                   metavar="FAMILY", help="families trained with channels-last weights and "
+                   "activations (same arithmetic up to rounding; see experiments/"
+                   "memory_format_speed.py)")
     p.add_argument("--deadline", type=float, help="seconds from now by which every run stops")
     p.add_argument("--calibrate", action="store_true",
                    help="with --deadline: time short epochs first and run as many epochs (at "

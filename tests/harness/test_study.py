@@ -34,11 +34,12 @@ def test_every_row_is_a_valid_train_command_and_builds_its_model(family):
 
     args = argparse.Namespace(dataset="cifar10", root="/tmp/unused", epochs=1, device="cpu",
                               data_dir=None, width=4, threads=1, cuda_graphs=False,
-                              limit_train=None, deadline=None)
+                              limit_train=None, deadline=None, channels_last=[family])
     for row in study.ROWS:
         argv = study.command((family, row, 0), args)[3:]  # after "python -m kalmannorm"
         assert argv[0] == "train"
         (config,) = config_from_args(build_parser(argv).parse_args(argv))
+        assert config.channels_last  # the family asked for it
         model = build_model(config.arch, 10, config.norm_layer(), 3, width=config.width,
                             **config.model_options)
         assert config.label == study.ROWS[row][0]
@@ -132,3 +133,26 @@ def test_each_option_is_judged_against_the_row_without_it():
     assert rows[study.ROWS["bkn-time"][0]][0].startswith("tie")
     assert rows[study.ROWS["bkn-smooth"][0]][1] == "not run |"
     assert rows[study.ROWS["bkn-detached"][0]] == ["not run", "not run |"]
+
+
+def test_memory_format_speed_times_the_study_rows_in_both_layouts(tmp_path):
+    import memory_format_speed as speed
+
+    records, page = tmp_path / "records", tmp_path / "memory-format.md"
+    speed.main(["--family", "resnet", "--width", "4", "--rows", "bn-m2", "bkn-default",
+                "--batch", "8", "--rounds", "2", "--warmup", "1", "--records", str(records),
+                "--page", str(page), "--write"])
+    (name,) = os.listdir(records)
+    record = json.loads((records / name).read_text())
+    assert record["config"]["model_arguments"]["bkn-default"] == study.model_arguments(
+        "resnet", "bkn-default", 4)
+    for r in record["results"]:
+        assert len(r["contiguous_ms"]) == len(r["channels_last_ms"]) == 2
+        assert r["ratio"] > 0
+        assert f"| {study.ROWS[r['row']][0]} | {r['median_contiguous_ms']:.0f} |" in page.read_text()
+
+
+def test_committed_memory_format_page_regenerates_from_its_records(tmp_path):
+    import memory_format_speed as speed
+
+    assert_page_regenerates(tmp_path, "memory_format_speed.py", os.path.join(REPO, speed.PAGE))

@@ -100,6 +100,42 @@ def test_resume_refuses_changed_config_and_existing_run(tmp_path):
     assert again["status"] == "complete" and again["epochs_done"] == 1
 
 
+def test_channels_last_trains_the_same_run_and_resumes_in_either_layout(tmp_path):
+    method = dict(norm="bkn", gain=0.9, micro_batch=2, epochs=2)
+    plain = train(tiny(tmp_path, "plain", **method))
+    train(tiny(tmp_path, "last", channels_last=True, time_limit=0, **method))
+    model, _, record = _final_state(tmp_path / "last")
+    conv = [v for v in model.values() if v.dim() == 4]
+    assert conv and all(v.is_contiguous(memory_format=torch.channels_last) for v in conv)
+    assert not all(v.is_contiguous() for v in conv)  # the two layouts differ where C, H, W > 1
+    assert record["config"]["channels_last"] is True
+    # the layout is how a run computes, not what: it may change on resume
+    resumed = train(tiny(tmp_path, "last", resume=True, **method))
+    assert resumed["status"] == "complete" and resumed["resumed_at"] == [1]
+    reference, _, _ = _final_state(tmp_path / "plain")
+    model, _, _ = _final_state(tmp_path / "last")
+    for key in reference:  # the same arithmetic up to rounding
+        torch.testing.assert_close(model[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+    for a, b in zip(plain["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_error"] == b["test_error"]
+
+
+def test_resume_reads_a_field_the_saving_code_lacked_as_its_default(tmp_path):
+    train(tiny(tmp_path, epochs=2, time_limit=0))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["record"]["config"]["cuda_graphs"]  # as written before the field existed
+    torch.save(ckpt, path)
+    assert train(tiny(tmp_path, epochs=2, resume=True))["status"] == "complete"
+    ckpt = torch.load(path, weights_only=True)
+    assert "cuda_graphs" not in ckpt["record"]["config"]  # the record keeps what it started with
+    ckpt["record"]["config"]["lr"] = 0.05  # a field it had still has to match
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="lr: 0.05"):
+        train(tiny(tmp_path, epochs=3, resume=True))
+
+
 def test_resume_refuses_code_that_resolves_other_norm_options(tmp_path):
     # a run started by code whose BKN layers resolved another option (here: momentum)
     train(tiny(tmp_path, epochs=2, time_limit=0, norm="bkn", micro_batch=2))
@@ -298,15 +334,17 @@ def test_report_never_merges_different_configurations_and_flags_repeated_seeds(t
                        label="BN, m=2")),   # same label, another schedule
             train(tiny(tmp_path, "c", norm="ghost_batchnorm", micro_batch=2, epochs=1,
                        label="BN, m=2", threads=2))]  # a repeat of "a" (threads: run only)
-    rows = summarize(runs)
+    older = json.loads(json.dumps(runs[0]))
+    del older["config"]["cuda_graphs"]  # a record written before the field: ran at its default
+    rows = summarize(runs + [older])
     assert len(rows) == 2
-    assert [r["runs"] for r in rows] == [2, 1]
+    assert [r["runs"] for r in rows] == [3, 1]
     assert rows[0]["duplicate_seeds"] == [0] and rows[1]["duplicate_seeds"] == []
     # the label says what sets the rows apart
     assert rows[0]["label"] == "BN, m=2 [config.epochs=1, recipe.epochs=1]"
     assert rows[1]["label"] == "BN, m=2 [config.epochs=2, recipe.epochs=2]"
     from kalmannorm.harness.report import markdown_table
-    assert "1 (2 runs; seed 0 repeated)" in markdown_table(rows)
+    assert "1 (3 runs; seed 0 repeated)" in markdown_table(rows)
 
 
 def test_reparametrized_conv_weights_decay_through_their_parameter():

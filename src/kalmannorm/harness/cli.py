@@ -126,6 +126,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... ({default('device')})")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last weights and activations (same results up to rounding)")
     g.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay each training step's forward and backward as a CUDA graph")
     g.add_argument("--compile", action="store_true", default=None,

@@ -15,6 +15,7 @@ import os
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from .config import RUNTIME_FIELDS, config_defaults
 from .extras import require
 from .records import read_record
 
@@ -46,8 +47,7 @@ def collect_records(paths: Iterable[str]) -> List[Dict[str, Any]]:
 
 
 # Record fields that do not change what a run computes: left out of the configuration key.
-_RUN_ONLY = ("seed", "label", "device", "threads", "eval_batch_size", "run_dir", "resume",
-             "overwrite", "time_limit", "progress", "data_dir", "download")
+_RUN_ONLY = ("seed", *RUNTIME_FIELDS)
 
 
 def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
@@ -65,7 +65,9 @@ def configuration(record: Dict[str, Any]) -> Dict[str, str]:
     recipe, the data (name and sizes), the world size, and every resolved option of the norm
     layers. A record from before the options were stored is keyed by its code commit too, since
     its defaults cannot be recovered otherwise."""
-    config = {k: v for k, v in record["config"].items() if k not in _RUN_ONLY}
+    # a field the recording code did not have ran as its default
+    config = {k: v for k, v in {**config_defaults(), **record["config"]}.items()
+              if k not in _RUN_ONLY}
     key: Dict[str, Any] = dict(config=config, recipe=record.get("recipe"),
                                dataset=record["dataset"], world_size=record.get("world_size"))
     if record.get("normalization") is not None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .callbacks import Callback, LogLines, ProgressBar, RunState
-from .config import PREDICTIONS, RUNTIME_FIELDS, TrainConfig, default_label
+from .config import PREDICTIONS, RUNTIME_FIELDS, TrainConfig, config_defaults, default_label
 from .data import ImageData, epoch_batches, eval_batches, load_dataset
 from .models import build_model
 from .recipes import RECIPES, PaperRecipe, ShortRecipe, weight_decay_groups
@@ -122,6 +122,8 @@ def _build(config: TrainConfig, data: ImageData, device: torch.device):
     torch.manual_seed(config.seed)
     model = build_model(config.arch, data.num_classes, config.norm_layer(), data.in_channels,
                         width=config.width, **config.model_options).to(device)
+    if config.channels_last:  # 4-D weights only; a convolution's output follows its weight's layout
+        model = model.to(memory_format=torch.channels_last)
     net = (PREDICTIONS[config.prediction](model, **config.prediction_options)
            if has_kalman_layers(model) else model)
     return model, net
@@ -237,6 +239,7 @@ def _sigterm_raises():
 
 def _check_resumable(config: TrainConfig, saved: Dict[str, Any], path: str) -> None:
     current = asdict(config)
+    saved = {**config_defaults(), **saved}  # a field the saving code lacked ran as its default
     diffs = [k for k in current if k not in RUNTIME_FIELDS and saved.get(k) != current[k]]
     if diffs:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diffs)
