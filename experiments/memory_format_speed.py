@@ -67,6 +67,7 @@ def train_step(family: str, row: str, width: int, channels_last: bool, batch: in
 
 def measure(family: str, rows: Sequence[str], width: int, batch: int, rounds: int, warmup: int,
             threads: int, device: torch.device) -> Dict[str, Any]:
+    commit, dirty = git_info(ROOT)  # before the clock runs: the code that is timed
     if device.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -82,7 +83,6 @@ def measure(family: str, rows: Sequence[str], width: int, batch: int, rounds: in
                             channels_last_ms=last, median_contiguous_ms=quartiles(base)[1],
                             median_channels_last_ms=quartiles(last)[1], ratio=ratio,
                             ratio_half_iqr=(q3 - q1) / 2))
-    commit, dirty = git_info(ROOT)
     return dict(schema="kalmannorm.memory-format/1", created_at=now(), git_commit=commit,
                 git_dirty=dirty, versions=versions(), machine=machine(device),
                 device=str(device), config=dict(family=family, arch=study.FAMILIES[family],

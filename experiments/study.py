@@ -103,7 +103,8 @@ STUDY_ROWS = ["bn-full", "bn-m2", "gn4", "gn32", "brn-m2", "bkn-released", "bkn-
 SCREEN_ROWS = ["bn-m2", "bkn-default", "bkn-released", "bkn-time", "bkn-rows4", "bkn-analytic",
                "bkn-detached", "bkn-smooth", "bkn-time-smooth"]
 REFERENCE, MICRO_BN, GROUPNORM = "bn-full", "bn-m2", "gn4"
-# The rows the verdicts rest on, run on the second family too.
+# The rows the verdicts rest on, run on the second family too, and with a third seed.
+SEEDS, VERDICT_SEEDS = [0, 1], [2]
 VERDICT_ROWS = ["bn-full", "bn-m2", "gn4", "brn-m2", "bkn-released", "bkn-default", "mabn-m2",
                 "mabn-m2-seq"]
 # family -> (architecture, its train arguments, how the page names it)
@@ -121,16 +122,21 @@ PLANNED_FAMILIES = ["resnet", "mobilenet_s1"]  # what the grids run
 
 
 def grid(families: Sequence[str], rows: Optional[Sequence[str]], seeds: Sequence[int],
-         family_seeds: Optional[Dict[str, List[int]]] = None):
+         family_seeds: Optional[Dict[str, List[int]]] = None,
+         verdict_seeds: Sequence[int] = ()):
     """``(family, row, seed)`` jobs: every row on the ResNet, the verdict rows on MobileNet;
-    ``family_seeds`` overrides ``seeds`` for a family."""
+    ``family_seeds`` overrides ``seeds`` for a family; ``verdict_seeds`` run only the rows the
+    verdicts rest on (of ``rows``, when given)."""
     family_seeds = family_seeds or {}
     jobs = []
-    for seed in sorted({s for f in families for s in family_seeds.get(f, seeds)}):
+    for seed in sorted({s for f in families for s in family_seeds.get(f, seeds)}
+                       | set(verdict_seeds)):
         for family in families:  # seed-major: a grid cut short still has every row once
-            if seed not in family_seeds.get(family, seeds):
-                continue
             wanted = rows or (STUDY_ROWS if family == "resnet" else VERDICT_ROWS)
+            if seed not in family_seeds.get(family, seeds):
+                if seed not in verdict_seeds:
+                    continue
+                wanted = [row for row in wanted if row in VERDICT_ROWS]
             jobs += [(family, row, seed) for row in wanted]
     return jobs
 
@@ -492,7 +498,8 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
                            os.path.join(ROOT, "docs", "results")).replace(os.sep, "/")
     commits = sorted({c.get("git_commit") or "none" for r in records
                       for c in [r, *r.get("resumed_code", [])]})  # started or resumed with
-    rows, seeds = (SCREEN_ROWS, SCREEN_SEEDS) if screen else (STUDY_ROWS, [0, 1])
+    rows, seeds = (SCREEN_ROWS, SCREEN_SEEDS) if screen else (STUDY_ROWS, SEEDS)
+    verdict_seeds = [] if screen else VERDICT_SEEDS
     lines = [
         "# Screening BKN's configurations" if screen else "# The micro-batch study",
         "",
@@ -609,14 +616,16 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
     for family in FAMILY_SPECS:
         if family not in PLANNED_FAMILIES and family not in {r["_family"] for r in records}:
             continue
-        planned = grid([family], rows if screen else None, seeds) \
+        planned = grid([family], rows if screen else None, seeds, verdict_seeds=verdict_seeds) \
             if family in PLANNED_FAMILIES else []
         missing = [f"{row} (seed {seed})" for _, row, seed in planned
                    if (family, row, seed) not in done]
         lines += [f"## {FAMILY_SPECS[family][2]}", ""]
         if planned:
             lines += [f"Complete: {len(planned) - len(missing)} of the {len(planned)} planned "
-                      f"runs (seeds {' and '.join(map(str, seeds))})"
+                      f"runs (seeds {' and '.join(map(str, seeds))}"
+                      + (f"; {', '.join(map(str, verdict_seeds))} too for the rows the verdicts "
+                         "rest on)" if verdict_seeds else ")")
                       + (f"; missing: {', '.join(missing)}." if missing else "."), ""]
         else:
             lines += ["Not in the grid any more; its records are kept.", ""]
@@ -650,6 +659,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--families", nargs="+", default=PLANNED_FAMILIES, choices=list(FAMILIES))
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="default: the family's rows")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1")
+    p.add_argument("--verdict-seeds", nargs="*", type=int,
+                   help=f"seeds run only for the verdict rows (default: {VERDICT_SEEDS}; none "
+                        "when screening)")
     p.add_argument("--family-seeds", type=_family_seeds, action="append", default=[],
                    metavar="FAMILY=SEEDS", help="seeds of one family, e.g. mobilenet_s1=0,1")
     p.add_argument("--jobs", nargs="+", type=_job, metavar="FAMILY/ROW/SEED",
@@ -681,7 +693,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     screen = args.screen
     defaults = dict(root=os.path.join("runs", "screening" if screen else "study"),
                     records=SCREEN_RECORDS if screen else RECORDS,
-                    page=SCREEN_PAGE if screen else PAGE, seeds=SCREEN_SEEDS if screen else [0, 1],
+                    page=SCREEN_PAGE if screen else PAGE, seeds=SCREEN_SEEDS if screen else SEEDS,
+                    verdict_seeds=[] if screen else VERDICT_SEEDS,
                     epochs=SCREEN_EPOCHS if screen else 15, rows=SCREEN_ROWS if screen else None)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -689,8 +702,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.smoke:
         args.dataset, args.epochs, args.width = "cifar10_subset", 1, 4
         args.limit_train, args.limit_test, args.seeds = 256, 128, args.seeds[:2]
+        args.verdict_seeds = []
     if not args.no_run:
-        jobs = args.jobs or grid(args.families, args.rows, args.seeds, dict(args.family_seeds))
+        jobs = args.jobs or grid(args.families, args.rows, args.seeds, dict(args.family_seeds),
+                                 args.verdict_seeds)
         if args.calibrate:
             if args.deadline is None:
                 p.error("--calibrate needs --deadline")

@@ -70,7 +70,8 @@ CHECK
         echo "MPS not available"
     fi
     "$PY" experiments/study.py --data-dir "$DATA" --device cuda --width 16 --epochs 30 \
-        --families resnet mobilenet_s1 --seeds 0 --family-seeds mobilenet_s1=0,1 --parallel 40 \
+        --families resnet mobilenet_s1 --seeds 0 --family-seeds mobilenet_s1=0,1 --verdict-seeds \
+        --parallel 40 \
         --cuda-graphs --threads 0 --deadline "$DEADLINE" --calibrate --root "$ROOT" \
         --records "$ROOT/records"
 fi

@@ -23,6 +23,14 @@ def test_grid_runs_every_row_on_the_resnet_and_the_verdict_rows_on_mobilenet():
     assert {(r, s) for f, r, s in jobs if f == "mobilenet_s1"} == {
         (r, s) for r in study.VERDICT_ROWS for s in (0, 1)}
     assert jobs.index(("mobilenet_s1", "bn-m2", 1)) > jobs.index(("resnet", "mabn-m2", 0))
+    # a third seed for the rows the verdicts rest on, after every row's first two
+    third = study.grid(["resnet", "mobilenet_s1"], None, [0, 1], verdict_seeds=[2])
+    assert third[:len(third) - 2 * len(study.VERDICT_ROWS)] == study.grid(
+        ["resnet", "mobilenet_s1"], None, [0, 1])
+    assert third[-2 * len(study.VERDICT_ROWS):] == [
+        (f, r, 2) for f in ("resnet", "mobilenet_s1") for r in study.VERDICT_ROWS]
+    assert study.grid(["resnet"], ["bn-m2", "frn"], [0], verdict_seeds=[2]) == [
+        ("resnet", "bn-m2", 0), ("resnet", "frn", 0), ("resnet", "bn-m2", 2)]
 
 
 @pytest.mark.parametrize("family", list(study.FAMILIES))
