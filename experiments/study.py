@@ -571,7 +571,12 @@ def write_page(records_dir: str, page: str, screen: bool = False) -> str:
             "convolution at stride 1 (`stem_stride=1`, as CIFAR adaptations do): in "
             "torchvision's layout the last maps are 1x1 on 32 px images, 2 values per channel "
             "and group at m=2, and per-group BN and BKN diverged there in the first epoch of "
-            "the [screening](screening.md).",
+            "the [screening](screening.md). On the CPU this family trains with channels-last "
+            "weights and activations (`--channels-last`): the same arithmetic up to rounding, "
+            "and a faster step for most of its rows ([measured](memory-format.md)).",
+            f"- **Seeds:** {' and '.join(map(str, SEEDS))} for every row; "
+            f"{', '.join(map(str, VERDICT_SEEDS))} as well for the rows the verdicts rest on "
+            f"({', '.join(f'`{row}`' for row in VERDICT_ROWS)}).",
         ]
     else:
         lines += [

@@ -183,10 +183,13 @@ class EvoNormS0(nn.Module):
         _check_input_4d(self, x, self.num_channels)
         dtype = stat_dtype(x.dtype)
         xs = x.to(dtype)
-        n = x.shape[0]
-        var = xs.reshape(n, self.num_groups, -1).var(dim=2, unbiased=False, keepdim=True)
-        act = (xs * torch.sigmoid(xs * _channel(self.v, dtype))).reshape(n, self.num_groups, -1)
-        y = (act * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        # [N, G, C / G, H, W]: splitting the channel dimension is a view in either memory
+        # layout, so the output keeps the input's
+        grouped = xs.unflatten(1, (self.num_groups, -1))
+        within = tuple(range(2, grouped.dim()))
+        var = grouped.var(dim=within, unbiased=False, keepdim=True)
+        act = xs * torch.sigmoid(xs * _channel(self.v, dtype))
+        y = (act.unflatten(1, (self.num_groups, -1)) * torch.rsqrt(var + self.eps)).flatten(1, 2)
         return (y * _channel(self.weight, dtype) + _channel(self.bias, dtype)).to(x.dtype)
 
 
@@ -199,11 +202,14 @@ class _ConvWeight(nn.Module):
         self.mode, self.eps = mode, eps
 
     def forward(self, weight: Tensor) -> Tensor:
-        w = weight.to(stat_dtype(weight.dtype)).reshape(weight.shape[0], -1)
-        w = w - w.mean(dim=1, keepdim=True)
+        # reduced over every dimension but the first, with no reshape: the result keeps the
+        # weight's memory layout (a channels-last weight makes a channels-last convolution)
+        fan_in = tuple(range(1, weight.dim()))
+        w = weight.to(stat_dtype(weight.dtype))
+        w = w - w.mean(dim=fan_in, keepdim=True)
         if self.mode == "standardize":
-            w = w * torch.rsqrt(w.square().mean(dim=1, keepdim=True) + self.eps)
-        return w.reshape(weight.shape).to(weight.dtype)
+            w = w * torch.rsqrt(w.square().mean(dim=fan_in, keepdim=True) + self.eps)
+        return w.to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, eps={self.eps}"

@@ -103,3 +103,51 @@ def test_instance_groupnorm_equals_torch_instance_norm_with_affine(shape, torch_
     x = torch.randn(shape) * 3 + 1
     for training in (True, False):
         torch.testing.assert_close(layer.train(training)(x), ref.train(training)(x))
+
+
+def _takes_micro_batch(name):
+    try:
+        kn.get_norm_layer(name, micro_batch=2)(4)
+        return True
+    except TypeError:
+        return False
+
+
+@pytest.mark.parametrize("name", [n for n in kn.norm_names() if not n.endswith(("1d", "3d"))])
+def test_channels_last_input_gives_the_same_result_in_its_own_layout(name):
+    """A channels-last model stays channels-last through every norm (else its convolutions
+    convert back and forth): the output and the input gradient keep the input's layout and
+    equal the contiguous computation, as do the parameter gradients."""
+    options = dict(micro_batch=2) if _takes_micro_batch(name) else {}
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 5, 6, dtype=torch.float64)  # 2 channels per group of 32
+    dy = torch.randn_like(x)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(1)
+        layer = kn.get_norm_layer(name, **options)(64).double()
+        with torch.no_grad():
+            for p in layer.parameters():  # away from the identity initialization
+                p.add_(0.1 * torch.randn_like(p))
+        xi = x.clone(memory_format=layout).requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = layer(xi)
+        y.backward(dy.contiguous(memory_format=layout))
+        assert y.is_contiguous(memory_format=layout) and xi.grad.is_contiguous(memory_format=layout)
+        results.append([y, xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "center"])
+def test_reparametrized_conv_weights_keep_the_weights_layout(mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3).double()
+    weight = conv.weight.detach().clone()
+    kn.baselines.standardize_conv_weights(conv.to(memory_format=torch.channels_last), mode)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    flat = weight.flatten(1) - weight.flatten(1).mean(dim=1, keepdim=True)
+    if mode == "standardize":
+        flat = flat / torch.sqrt(flat.square().mean(dim=1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(conv.weight, flat.view_as(weight))
