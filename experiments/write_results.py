@@ -135,7 +135,8 @@ These are the project's first, short runs, with layer-wide decisions that read e
 current evidence is on the other pages here: [the micro-batch study](study.md) (faithful groups,
 15 epochs, every normalizer a user would pick instead), [the screening of BKN's
 configurations](screening.md), [why BKN's estimate falls short, layer by
-layer](statistics-error.md) and [example weighing at evaluation](example-weighing.md).
+layer](statistics-error.md), [example weighing at evaluation](example-weighing.md) and [the
+speed of channels-last training](memory-format.md).
 
 ## Protocol
 
