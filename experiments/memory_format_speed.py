@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, ROOT)  # benchmarks/
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import study  # noqa: E402
 from benchmarks.measure import machine, quartiles, round_robin  # noqa: E402
+from benchmarks.model import train_step as bench_train_step  # noqa: E402
 from kalmannorm.harness.cli import add_train_arguments, config_from_args  # noqa: E402
 from kalmannorm.harness.records import git_info, now, versions, write_json  # noqa: E402
 from kalmannorm.harness.train import _build  # noqa: E402
@@ -42,27 +42,16 @@ LAYOUTS = ("contiguous", "channels_last")
 
 def train_step(family: str, row: str, width: int, channels_last: bool, batch: int,
                device: torch.device) -> Callable[[], Any]:
-    """One SGD step of the row's model as the study trains it, on a fixed random batch."""
+    """One SGD step of the row's model as the study trains it (the harness's builder; the
+    input batch contiguous, as the harness's data gives it), on a fixed random batch."""
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     argv = study.model_arguments(family, row, width) + ["--batch-size", str(batch)]
     if channels_last:
         argv.append("--channels-last")
     config = config_from_args(parser.parse_args(argv))[0]
-    shape = types.SimpleNamespace(num_classes=10, in_channels=3)
-    model, net = _build(config, shape, device)
-    net.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-
-    return step
+    _, net = _build(config, types.SimpleNamespace(num_classes=10, in_channels=3), device)
+    return bench_train_step(net.train(), batch, 32, device, "float32", "contiguous")
 
 
 def measure(family: str, rows: Sequence[str], width: int, batch: int, rounds: int, warmup: int,

@@ -20,18 +20,19 @@ from kalmannorm.harness.models import build_model
 M = 2  # rows per group
 
 
+def takes_micro_batch(name):
+    """Whether the registered norm ``name``'s constructor takes ``micro_batch``."""
+    try:
+        kn.get_norm_layer(name, micro_batch=M)(8)
+    except TypeError:
+        return False
+    return True
+
+
 def micro_batch_norms():
     """Registered 2d norms whose constructor takes ``micro_batch``."""
-    names = []
-    for name in kn.norm_names():
-        if name.endswith(("1d", "3d")) or name.endswith("2d"):
-            continue
-        try:
-            kn.get_norm_layer(name, micro_batch=M)(8)
-        except TypeError:
-            continue
-        names.append(name)
-    return names
+    return [name for name in kn.norm_names()
+            if not name.endswith(("1d", "2d", "3d")) and takes_micro_batch(name)]
 
 
 def images(n, seed):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import kalmannorm as kn
+from test_faithful_groups import takes_micro_batch  # this folder
 
 
 def inputs_for(name):
@@ -105,20 +106,12 @@ def test_instance_groupnorm_equals_torch_instance_norm_with_affine(shape, torch_
         torch.testing.assert_close(layer.train(training)(x), ref.train(training)(x))
 
 
-def _takes_micro_batch(name):
-    try:
-        kn.get_norm_layer(name, micro_batch=2)(4)
-        return True
-    except TypeError:
-        return False
-
-
 @pytest.mark.parametrize("name", [n for n in kn.norm_names() if not n.endswith(("1d", "3d"))])
 def test_channels_last_input_gives_the_same_result_in_its_own_layout(name):
     """A channels-last model stays channels-last through every norm (else its convolutions
     convert back and forth): the output and the input gradient keep the input's layout and
     equal the contiguous computation, as do the parameter gradients."""
-    options = dict(micro_batch=2) if _takes_micro_batch(name) else {}
+    options = dict(micro_batch=2) if takes_micro_batch(name) else {}
     torch.manual_seed(0)
     x = torch.randn(8, 64, 5, 6, dtype=torch.float64)  # 2 channels per group of 32
     dy = torch.randn_like(x)
