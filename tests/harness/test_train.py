@@ -138,14 +138,23 @@ def test_resume_reads_a_field_the_saving_code_lacked_as_its_default(tmp_path):
 
 def test_resume_refuses_code_that_resolves_other_norm_options(tmp_path):
     # a run started by code whose BKN layers resolved another option (here: momentum)
-    train(tiny(tmp_path, epochs=2, time_limit=0, norm="bkn", micro_batch=2))
+    train(tiny(tmp_path, epochs=3, time_limit=0, norm="bkn", micro_batch=2))
     path = tmp_path / "run" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
-    ckpt["record"]["normalization"]["layers"][0]["options"]["momentum"] = 0.2
+    # an option the starting code lacked ran as its default: the run resumes
+    options = ckpt["record"]["normalization"]["layers"][0]["options"]
+    assert options.pop("backward_window") == 1
+    torch.save(ckpt, path)
+    assert train(tiny(tmp_path, epochs=3, time_limit=0, resume=True, norm="bkn",
+                      micro_batch=2))["epochs_done"] == 2
+    ckpt = torch.load(path, weights_only=True)
+    options = ckpt["record"]["normalization"]["layers"][0]["options"]
+    assert "backward_window" not in options  # the record keeps what it started with
+    options["momentum"] = 0.2
     torch.save(ckpt, path)
     before = path.read_bytes()
     with pytest.raises(ValueError, match=r'cannot resume .*"momentum": 0.2.*--overwrite'):
-        train(tiny(tmp_path, epochs=2, resume=True, norm="bkn", micro_batch=2))
+        train(tiny(tmp_path, epochs=3, resume=True, norm="bkn", micro_batch=2))
     assert path.read_bytes() == before
 
 
@@ -336,6 +345,8 @@ def test_report_never_merges_different_configurations_and_flags_repeated_seeds(t
                        label="BN, m=2", threads=2))]  # a repeat of "a" (threads: run only)
     older = json.loads(json.dumps(runs[0]))
     del older["config"]["cuda_graphs"]  # a record written before the field: ran at its default
+    # ... and before a layer option (the code without it ran as its default does)
+    assert older["normalization"]["layers"][0]["options"].pop("backward_window") == 1
     rows = summarize(runs + [older])
     assert len(rows) == 2
     assert [r["runs"] for r in rows] == [3, 1]
@@ -343,8 +354,12 @@ def test_report_never_merges_different_configurations_and_flags_repeated_seeds(t
     # the label says what sets the rows apart
     assert rows[0]["label"] == "BN, m=2 [config.epochs=1, recipe.epochs=1]"
     assert rows[1]["label"] == "BN, m=2 [config.epochs=2, recipe.epochs=2]"
-    from kalmannorm.harness.report import markdown_table
+    from kalmannorm.harness.report import configuration, markdown_table
     assert "1 (3 runs; seed 0 repeated)" in markdown_table(rows)
+    # an option the record has is what ran, default or not
+    other = json.loads(json.dumps(older))
+    other["normalization"]["layers"][0]["options"]["backward_window"] = 2
+    assert configuration(other) != configuration(older) == configuration(runs[0])
 
 
 def test_reparametrized_conv_weights_decay_through_their_parameter():

@@ -178,24 +178,84 @@ _NOT_OPTIONS = ("self", "num_features", "num_channels", "device", "dtype", "modu
 _SCALARS = (bool, int, float, str, type(None))
 
 
+def _constructor_options(cls: type) -> Iterator[Tuple[str, inspect.Parameter]]:
+    """``(name, parameter)`` of every named constructor option of ``cls`` and its bases, the
+    most derived first, each name once."""
+    seen = set()
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if name in _NOT_OPTIONS or name in seen or param.kind in (
+                    param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            seen.add(name)
+            yield name, param
+
+
+def _json_option(value: Any) -> Tuple[bool, Any]:
+    """``(storable, value)``: JSON scalars and lists of them are stored (tuples as lists)."""
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
+        return True, list(value)
+    return isinstance(value, _SCALARS), value
+
+
 def _options(module: Any, defaults: bool = False) -> Dict[str, Any]:
     """The constructor options of ``module`` read back from its attributes of the same names
     (every class here stores its options so), defaults included; JSON scalars and lists. With
     ``defaults``: the constructor's default values of the same options instead."""
     options = {}
-    for cls in type(module).__mro__:
-        if cls is object or "__init__" not in vars(cls):
+    for name, param in _constructor_options(type(module)):
+        if not hasattr(module, name):
             continue
-        for name, param in inspect.signature(cls.__init__).parameters.items():
-            if name in _NOT_OPTIONS or name in options or param.kind in (
-                    param.VAR_POSITIONAL, param.VAR_KEYWORD) or not hasattr(module, name):
-                continue
-            value = param.default if defaults else getattr(module, name)
-            if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
-                value = list(value)
-            if isinstance(value, _SCALARS) or isinstance(value, list):
-                options[name] = value
+        storable, value = _json_option(param.default if defaults else getattr(module, name))
+        if storable:
+            options[name] = value
     return options
+
+
+def _class_defaults(qualname: str) -> Dict[str, Any]:
+    """The constructor defaults of the class a record names (``module.Qual.Name``); empty when
+    this code has no such class."""
+    import importlib
+
+    module, _, rest = qualname.rpartition(".")
+    while module:
+        try:
+            obj: Any = importlib.import_module(module)
+            break
+        except ImportError:
+            module, _, head = module.rpartition(".")
+            rest = f"{head}.{rest}"
+    else:
+        return {}
+    for part in rest.split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        return {}
+    defaults = {}
+    for name, param in _constructor_options(obj):
+        storable, value = _json_option(param.default)
+        if param.default is not param.empty and storable:
+            defaults[name] = value
+    return defaults
+
+
+def normalization_with_defaults(normalization: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A record's :func:`describe_normalization` with every option it lacks filled in with the
+    constructor's default: a layer option added after the record was written defaults to what
+    the code did before it, so the record ran with that default. Options the record has are
+    kept as they are."""
+    if normalization is None:
+        return None
+
+    def fill(entry: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        if entry is None:
+            return None
+        return dict(entry, options={**_class_defaults(entry["class"]), **entry["options"]})
+
+    return dict(normalization, layers=[fill(layer) for layer in normalization["layers"]],
+                predictor=fill(normalization.get("predictor")))
 
 
 def changed_options(module: Any) -> Dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .config import RUNTIME_FIELDS, config_defaults
 from .extras import require
-from .records import read_record
+from .records import normalization_with_defaults, read_record
 
 __all__ = ["collect_records", "configuration", "group_runs", "summarize", "markdown_table",
            "plot_test_error", "write_report"]
@@ -64,14 +64,14 @@ def configuration(record: Dict[str, Any]) -> Dict[str, str]:
     the config without the seed and the fields that only say where and how it ran, the resolved
     recipe, the data (name and sizes), the world size, and every resolved option of the norm
     layers. A record from before the options were stored is keyed by its code commit too, since
-    its defaults cannot be recovered otherwise."""
-    # a field the recording code did not have ran as its default
+    its defaults cannot be recovered otherwise. A config field or layer option the recording
+    code did not have ran as its default, and reads so."""
     config = {k: v for k, v in {**config_defaults(), **record["config"]}.items()
               if k not in _RUN_ONLY}
     key: Dict[str, Any] = dict(config=config, recipe=record.get("recipe"),
                                dataset=record["dataset"], world_size=record.get("world_size"))
     if record.get("normalization") is not None:
-        key["normalization"] = record["normalization"]
+        key["normalization"] = normalization_with_defaults(record["normalization"])
     else:
         key["git_commit"] = record.get("git_commit")
     return _flatten(key)

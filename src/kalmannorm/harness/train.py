@@ -40,8 +40,8 @@ from .config import PREDICTIONS, RUNTIME_FIELDS, TrainConfig, config_defaults, d
 from .data import ImageData, epoch_batches, eval_batches, load_dataset
 from .models import build_model
 from .recipes import RECIPES, PaperRecipe, ShortRecipe, weight_decay_groups
-from .records import (SCHEMA, atomic_path, describe_normalization, git_info, now, repo_relative,
-                      versions, write_json)
+from .records import (SCHEMA, atomic_path, describe_normalization, git_info,
+                      normalization_with_defaults, now, repo_relative, versions, write_json)
 
 # The run's building blocks live in recipes, config and callbacks; they are importable from here.
 __all__ = [
@@ -142,9 +142,11 @@ def _peak_memory(device: torch.device) -> Dict[str, Any]:
 def _resumed_record(record: Dict[str, Any], fresh: Dict[str, Any], ckpt_path: str) -> Dict[str, Any]:
     """The checkpoint's record, continued by this session: refused if this code resolves the
     norm layers' options differently from the session that started the run (the run would mix
-    two configurations under one label); otherwise the epoch and the code this session resumes
+    two configurations under one label; an option that session's code lacked counts as its
+    default); otherwise the epoch and the code this session resumes
     with are appended to ``resumed_at`` and ``resumed_code``."""
-    if record.get("normalization") is not None and record["normalization"] != fresh["normalization"]:
+    if record.get("normalization") is not None and (normalization_with_defaults(
+            record["normalization"]) != normalization_with_defaults(fresh["normalization"])):
         raise ValueError(
             f"cannot resume {ckpt_path}: this code resolves the norm layers' options to "
             f"{json.dumps(fresh['normalization'], sort_keys=True)}, the run started with "
