@@ -276,6 +276,32 @@ def test_report_groups_seeds(tmp_path):
     assert len(row) == 1 and "| 2 |" in row[0] and "±" in row[0]
 
 
+def test_report_reads_a_directory_of_records_under_any_name(tmp_path):
+    import shutil
+
+    from kalmannorm.harness.report import collect_records
+
+    for seed in (0, 1):
+        train(tiny(tmp_path, f"s{seed}", epochs=1, seed=seed, label="mine"))
+    copies = tmp_path / "records"
+    copies.mkdir()
+    for seed in (0, 1):  # as docs/results/*/records keep them
+        shutil.copy(tmp_path / f"s{seed}" / "record.json", copies / f"mine-seed{seed}.json")
+    (copies / "benchmark.json").write_text('{"schema": "something else"}')
+    (copies / "notes.json").write_text("not json")
+    records = collect_records([str(copies)])
+    assert [r["seed"] for r in records] == [0, 1]
+    assert [r["_path"] for r in records] == [str(copies / f"mine-seed{s}.json") for s in (0, 1)]
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "benchmark.json").write_text('{"schema": "something else"}')
+    with pytest.raises(FileNotFoundError, match="no run record .*kalmannorm.run/1"):
+        collect_records([str(tmp_path / "none")])
+    # a damaged record.json is reported, not skipped
+    (tmp_path / "s1" / "record.json").write_text('{"schema": "something else"}')
+    with pytest.raises(ValueError, match="is not a kalmannorm run record"):
+        collect_records([str(tmp_path)])
+
+
 def test_train_help_reads_its_defaults_from_the_dataclasses(monkeypatch, capsys):
     import dataclasses
 

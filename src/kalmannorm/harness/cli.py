@@ -190,7 +190,8 @@ def train_main(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- report
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("records", nargs="+", metavar="RECORD", help="record.json files or directories")
+    p.add_argument("records", nargs="+", metavar="RECORD",
+                   help="record files, or directories searched for them")
     p.add_argument("--out", required=True, metavar="DIR", help="where report.md and test_error.png go")
     p.add_argument("--title", help="report title")
 

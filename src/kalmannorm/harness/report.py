@@ -17,20 +17,37 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .config import RUNTIME_FIELDS, config_defaults
 from .extras import require
-from .records import normalization_with_defaults, read_record
+from .records import SCHEMA, normalization_with_defaults, read_record
 
 __all__ = ["collect_records", "configuration", "group_runs", "summarize", "markdown_table",
            "plot_test_error", "write_report"]
 
 
+def _is_run_record(path: str) -> bool:
+    """Whether a JSON file holds a run record (any name; ``record.json`` always counts, so that
+    a damaged one is reported rather than skipped)."""
+    if os.path.basename(path) == "record.json":
+        return True
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
 def collect_records(paths: Iterable[str]) -> List[Dict[str, Any]]:
-    """Load records from files and directories (searched recursively for ``record.json``)."""
+    """Load records from files and directories: a directory is searched recursively for run
+    records, a run's ``record.json`` or a copy under another name (``docs/results/*/records``);
+    other JSON files there are skipped."""
     files: List[str] = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "**", "record.json"), recursive=True))
+            found = [f for f in sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+                     if _is_run_record(f)]
             if not found:
-                raise FileNotFoundError(f"no record.json under {path!r}")
+                raise FileNotFoundError(f"no run record (a run's record.json, or JSON with schema "
+                                        f"{SCHEMA!r}) under {path!r}")
             files += found
         elif os.path.isfile(path):
             files.append(path)
