@@ -20,7 +20,7 @@ BKN's configurations instead (docs/results/screening.md).
     # one GPU: width 16, CUDA graphs, many runs at once, stopping cleanly before a deadline
     python experiments/study.py --data-dir data --device cuda --width 16 --epochs 30 \\
         --parallel 16 --cuda-graphs --deadline 480 --root runs/study-gpu
-    # the page, from every committed record
+    # the page, from every committed record (and the screening's, which reads them too)
     python experiments/study.py --write
     # CPU smoke test of the whole pipeline (bundled subset, tiny runs; what the tests run)
     python experiments/study.py --smoke --root /tmp/smoke --records /tmp/smoke/records --write
@@ -694,7 +694,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--limit-test", type=int, default=10000)
     p.add_argument("--smoke", action="store_true",
                    help="tiny runs on the bundled CIFAR subset: the pipeline, not the result")
-    p.add_argument("--write", action="store_true", help="write the page from --records")
+    p.add_argument("--write", action="store_true",
+                   help="write the page from --records (the study's default page and records: "
+                        "the screening's page too, whose confirmation reads them)")
     p.add_argument("--no-run", action="store_true", help="only --write")
     args = p.parse_args(argv)
     args.started = time.monotonic()
@@ -722,6 +724,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             run_grid(jobs, args)
     if args.write:
         print(write_page(args.records, args.page, args.screen), flush=True)
+        if not args.screen and args.records == RECORDS and args.page == PAGE:
+            # the screening page's confirmation column reads the study's committed records
+            print(write_page(SCREEN_RECORDS, SCREEN_PAGE, screen=True), flush=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,18 @@ def test_smoke_runs_the_pipeline_and_writes_the_page(tmp_path):
     assert "3 runs, 0 to do" in again.stdout
 
 
+def test_writing_the_study_page_rewrites_the_screening_page_that_reads_its_records(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(study, "PAGE", str(tmp_path / "study.md"))
+    monkeypatch.setattr(study, "SCREEN_PAGE", str(tmp_path / "screening.md"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    study.main(["--no-run", "--write"])
+    for name in ("study.md", "screening.md"):
+        with open(os.path.join(REPO, "docs", "results", name)) as f:
+            assert (tmp_path / name).read_text() == f.read()
+
+
 @pytest.mark.parametrize("screen", [False, True], ids=["study", "screening"])
 def test_committed_page_regenerates_from_the_committed_records(tmp_path, screen):
     assert_page_regenerates(tmp_path, "study.py",
