@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import inspect
 import json
 import os
@@ -214,9 +215,11 @@ def _options(module: Any, defaults: bool = False) -> Dict[str, Any]:
     return options
 
 
+@functools.lru_cache(maxsize=None)
 def _class_defaults(qualname: str) -> Dict[str, Any]:
     """The constructor defaults of the class a record names (``module.Qual.Name``); empty when
-    this code has no such class."""
+    this code has no such class. Cached: every record of a report names the same few classes
+    (callers copy, never mutate, the result)."""
     import importlib
 
     module, _, rest = qualname.rpartition(".")
